@@ -1,0 +1,1 @@
+"""tdlm_jax: masked (absorbing-state) discrete diffusion language models in JAX."""
