@@ -8,16 +8,16 @@ a traceback from deep inside JAX.
 
 
 class TdlmError(Exception):
-  """Base class of errors whose message is meant for the user, not for a debugger."""
+    """Base class of errors whose message is meant for the user, not for a debugger."""
 
 
 class ConfigError(TdlmError):
-  """An invalid configuration value."""
+    """An invalid configuration value."""
 
 
 class DataError(TdlmError):
-  """A missing, empty or unusable data source."""
+    """A missing, empty or unusable data source."""
 
 
 class CheckpointError(TdlmError):
-  """A checkpoint that cannot be read or written."""
+    """A checkpoint that cannot be read or written."""
