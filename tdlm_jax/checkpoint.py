@@ -1,0 +1,216 @@
+"""Saving and restoring the training state and the data-iterator position.
+
+This is the only module of the project that imports orbax, so API changes of orbax stay
+contained here. A checkpoint at `<directory>/<step>` holds two items:
+
+  * `state`: an arbitrary pytree of jax arrays (params, optimizer state, step counter,
+    raw uint32 RNG key data), written with orbax's StandardSave;
+  * `data` (optional): the position of a grain `DatasetIterator`, written by grain's own
+    orbax handler as one small JSON file per process.
+
+Saves are asynchronous: `save` returns once the arrays are copied off the device and the
+iterator position is written; the array files are written in a background thread.
+`wait_until_finished` / `close` block until that is done.
+"""
+
+import os
+import sys
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from tdlm_jax.errors import CheckpointError
+
+# Item names inside a step directory; changing them breaks existing checkpoints.
+_STATE = "state"
+_DATA = "data"
+_MAX_REASON_CHARS = 200
+
+
+def _short_reason(error: BaseException) -> str:
+    """First line of an exception message, clipped: tensorstore errors span pages."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(first) > _MAX_REASON_CHARS:
+        first = first[:_MAX_REASON_CHARS] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _is_abandoned_read_noise(unraisable: Any) -> bool:
+    """Whether an unraisable-exception report is debris of a failed orbax restore.
+
+    When one array fails to restore, orbax abandons the reads of the other arrays on a
+    closed event loop. Their coroutines later turn GeneratorExit into an exception that
+    dumps a page of TensorStore spec each, and tensorstore callbacks report "Event loop
+    is closed"; both would bury the one-line CheckpointError.
+    """
+    coroutine_name = getattr(unraisable.object, "__name__", None)
+    if coroutine_name == "_read_array_index_and_device_put":
+        return True
+    return (
+        unraisable.object is None
+        and isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+    )
+
+
+def _silence_abandoned_reads() -> None:
+    """Drops the reports of `_is_abandoned_read_noise` from now on; others pass through.
+
+    Installed only once a restore has failed, so successful runs keep the default hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_tdlm_abandoned_read_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_abandoned_read_noise(unraisable):
+            previous(unraisable)
+
+    hook._tdlm_abandoned_read_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def _check_abstract_state(abstract_state: Any) -> None:
+    """Rejects abstract leaves without a sharding, which orbax would place arbitrarily."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            raise ValueError(
+                f"abstract_state leaf {jax.tree_util.keystr(path)} has no sharding; "
+                "build it with jax.ShapeDtypeStruct(shape, dtype, sharding=...)"
+            )
+
+
+class Checkpointer:
+    """Keeps the latest `max_to_keep` checkpoints of a training run in `directory`."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3) -> None:
+        """Opens (creating if needed) the checkpoint directory.
+
+        Args:
+            directory: where step directories are written; relative paths are made
+                absolute because orbax's tensorstore backend rejects relative ones, and
+                only does so in its background thread.
+            max_to_keep: how many of the most recent checkpoints to keep.
+        """
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        self._directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            # `max_to_keep` is deprecated in favour of a preservation policy.
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self._directory, options=options)
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint directory {self._directory} could not be opened "
+                f"({_short_reason(e)}): check that it is a writable directory, "
+                "or use a new --workdir"
+            ) from e
+
+    @property
+    def directory(self) -> str:
+        """The absolute checkpoint directory."""
+        return self._directory
+
+    def step_directory(self, step: int) -> str:
+        """The directory that holds (or would hold) the checkpoint of `step`."""
+        return os.path.join(self._directory, str(step))
+
+    def latest_step(self) -> int | None:
+        """The most recent finished checkpoint step, or None if there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """All finished checkpoint steps, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
+        """Starts saving `state` (and the iterator position) as the checkpoint of `step`.
+
+        The caller decides when to save: orbax's own save-interval policy is bypassed.
+        Saving a step that already has a checkpoint does nothing (e.g. the final save of
+        a run resumed at its last step). The iterator position is captured before this
+        returns, so the caller may keep iterating right away.
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            logging.info("Checkpoint at %s already exists; not saving it again.", self.step_directory(step))
+            return
+        items = {_STATE: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        try:
+            # force=True: without it orbax silently skips saves that its default policy
+            # dislikes, e.g. a step below the latest one after a rollback.
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint at {self.step_directory(step)} could not be written "
+                f"({_short_reason(e)}): check free disk space and permissions of "
+                f"{self._directory}"
+            ) from e
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
+        """Restores the state of checkpoint `step`, and the iterator position in place.
+
+        Args:
+            step: a step from `all_steps()`.
+            abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set, with
+                the structure, shapes and dtypes of the saved state. Arrays are restored
+                with those shardings and cast to those dtypes.
+            data_iterator: a grain `DatasetIterator` built like the saved one; its
+                position is set to the saved one.
+
+        Returns:
+            The restored state pytree.
+
+        Raises:
+            CheckpointError: the checkpoint is missing, corrupt or does not match.
+        """
+        step = int(step)
+        _check_abstract_state(abstract_state)
+        self.wait_until_finished()  # a checkpoint still being written cannot be read
+        items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            _silence_abandoned_reads()
+            raise CheckpointError(
+                f"checkpoint at {self.step_directory(step)} could not be restored "
+                f"({_short_reason(e)}): delete that step directory to fall back to an "
+                "earlier one, or use a new --workdir"
+            ) from e
+        return restored[_STATE]
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every started save is on disk (and old steps are deleted)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(
+                f"a checkpoint in {self._directory} could not be written "
+                f"({_short_reason(e)}): check free disk space and permissions of that directory"
+            ) from e
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases orbax's resources.
+
+        Raises CheckpointError if a pending save failed; orbax's close would only raise
+        the same error again, so it is not attempted then.
+        """
+        self.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,132 @@
+"""Config validation, and the translation of a config into static objects.
+
+The config is read here, on the host, once: the jitted steps only ever see the frozen
+dataclasses built below. `validate` runs before any data is read or anything compiles, and
+raises a `ConfigError` whose one-line message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import ml_collections
+
+from tdlm_jax.diffusion.corruption import LOSS_WEIGHTINGS, TIME_SAMPLING, ForwardProcess
+from tdlm_jax.diffusion.schedules import SCHEDULES, Schedule
+from tdlm_jax.errors import ConfigError
+from tdlm_jax.model.transformer import ModelConfig
+from tdlm_jax.optim import DECAY_SCHEDULES
+
+TOKENIZERS = ("byte",)
+DTYPES = ("float32", "bfloat16")
+POSITIVE_INTS = (
+    "data.seq_len", "data.eval_batch_size", "data.num_eval_batches",
+    "model.d_model", "model.num_heads", "model.num_layers", "model.mlp_dim",
+    "training.num_steps", "training.batch_size", "training.logging_steps",
+    "training.detailed_metrics_steps", "training.attention_analysis_steps",
+    "training.eval_every_n_steps", "training.checkpoint_every_n_steps",
+    "training.max_checkpoints_to_keep",
+)
+CHOICES = {
+    "data.tokenizer": TOKENIZERS,
+    "model.dtype": DTYPES,
+    "diffusion.schedule": SCHEDULES,
+    "diffusion.time_sampling": TIME_SAMPLING,
+    "diffusion.loss_weighting": LOSS_WEIGHTINGS,
+    "training.decay_schedule": DECAY_SCHEDULES,
+}
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    value = config
+    for part in key.split("."):
+        if part not in value:
+            raise ConfigError(f"config error: {key} is missing: add it to the config file (see configs/base.py)")
+        value = value[part]
+    return value
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config error: {key}={value!r}: {allowed}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_range(config, key: str, ok: Callable[[float], bool], allowed: str) -> None:
+    value = _get(config, key)
+    _require(_is_number(value) and ok(value), key, value, allowed)
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> None:
+    """Raises ConfigError for the first invalid value; returns None if the config is usable."""
+    seed = _get(config, "seed")
+    _require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed,
+             "must be a non-negative integer")
+    for key in POSITIVE_INTS:
+        value = _get(config, key)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value,
+                 "must be a positive integer")
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        _require(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
+    source = _get(config, "data.source")
+    _require(isinstance(source, str) and source.strip() != "", "data.source", source,
+             "must be 'shakespeare' or a path or glob of text files")
+    _check_range(config, "data.val_fraction", lambda x: 0 < x < 1, "must be in (0, 1)")
+    _check_range(config, "diffusion.t_min", lambda x: 0 < x < 1, "must be in (0, 1); w(t) = 1/t diverges at 0")
+    _check_range(config, "diffusion.polynomial_power", lambda x: x > 0, "must be positive")
+    _check_range(config, "diffusion.weight_clip_max", lambda x: x > 0, "must be positive")
+    _check_range(config, "training.learning_rate", lambda x: x > 0, "must be positive")
+    _check_range(config, "training.warmup_steps", lambda x: x >= 0 and x == int(x), "must be an integer >= 0")
+    _check_range(config, "training.min_learning_rate_ratio", lambda x: 0 <= x <= 1, "must be in [0, 1]")
+    _check_range(config, "training.weight_decay", lambda x: x >= 0, "must be >= 0")
+    _check_range(config, "training.adam_b1", lambda x: 0 <= x < 1, "must be in [0, 1)")
+    _check_range(config, "training.adam_b2", lambda x: 0 <= x < 1, "must be in [0, 1)")
+    _check_range(config, "training.grad_clip_norm", lambda x: True, "must be a number (<= 0 disables clipping)")
+
+    d_model, num_heads = config.model.d_model, config.model.num_heads
+    _require(d_model % num_heads == 0 and (d_model // num_heads) % 2 == 0, "model.d_model", d_model,
+             f"must be a multiple of 2·model.num_heads ({2 * num_heads}): RoPE rotates channel pairs of each head")
+    edges = _get(config, "metrics.bucket_edges")
+    _require(_valid_edges(edges), "metrics.bucket_edges", edges,
+             "must be 4 increasing numbers from 0 to 1 (low, medium, high buckets), e.g. (0.0, 0.3, 0.7, 1.0)")
+    for key in ("training.batch_size", "data.eval_batch_size"):
+        size = _get(config, key)
+        for count, what in ((num_devices, "devices"), (process_count, "processes")):
+            _require(size % count == 0, key, size,
+                     f"does not divide over {count} {what}: use a multiple of {count}")
+
+
+def _valid_edges(edges: Any) -> bool:
+    try:
+        values = [float(x) for x in edges]
+    except (TypeError, ValueError):
+        return False
+    return (len(values) == 4 and values[0] == 0.0 and values[-1] == 1.0
+            and all(a < b for a, b in zip(values, values[1:])))
+
+
+def forward_process(config: ml_collections.ConfigDict, mask_id: int) -> ForwardProcess:
+    """The training forward process, planned for the global training batch."""
+    d = config.diffusion
+    return ForwardProcess(
+        schedule=Schedule(d.schedule, float(d.polynomial_power)),
+        t_min=float(d.t_min),
+        time_sampling=d.time_sampling,
+        loss_weighting=d.loss_weighting,
+        weight_clip_max=float(d.weight_clip_max),
+        mask_id=mask_id,
+        bucket_edges=tuple(float(x) for x in config.metrics.bucket_edges),
+        batch_size=config.training.batch_size,
+    )
+
+
+def model_config(config: ml_collections.ConfigDict, *, vocab_size: int, num_predictable: int) -> ModelConfig:
+    m = config.model
+    return ModelConfig(vocab_size=vocab_size, num_predictable=num_predictable, d_model=m.d_model,
+                       num_heads=m.num_heads, num_layers=m.num_layers, mlp_dim=m.mlp_dim, dtype=m.dtype,
+                       time_conditioning=bool(m.time_conditioning))

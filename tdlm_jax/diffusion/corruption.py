@@ -1,0 +1,171 @@
+"""The forward process: per-sequence times, their loss weights, and token masking.
+
+Time sampling. Each sequence of the global batch gets its own t ∈ [t_min, 1].
+- 'iid': t ~ U[t_min, 1] independently.
+- 'stratified' (default): a stratified sample whose strata are aligned to the corruption
+  buckets of the research metrics (masking-rate edges, e.g. 0, 0.3, 0.7, 1). Bucket b
+  covers the time interval [τ_b, τ_{b+1}) with probability p_b under U[t_min, 1]; it gets a
+  fixed number n_b ≈ p_b·B of rows, and its interval is split into n_b equal strata with
+  one uniform draw in each. Every row is reweighted by p_b·B / n_b (1 when p_b·B is an
+  integer), so the estimate of E_t[·] under U[t_min, 1] stays exactly unbiased. Because
+  bucket membership is then fixed by row index, the research step can take each bucket's
+  gradient on its own rows; see `tdlm_jax.metrics.research`.
+
+Masking. Every position draws a mask with probability 1 − α(t) (LLaDA's variable
+masking); only valid (non-padding) positions are replaced by [MASK] and scored. Drawing at
+padding too is what makes `metrics/valid_ratio` a measurement: the share of the drawn
+masks that land on real tokens, which falls when batches carry a lot of padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from tdlm_jax.diffusion.schedules import Schedule, loss_weight
+
+TIME_SAMPLING = ("stratified", "iid")
+LOSS_WEIGHTINGS = ("elbo", "uniform", "clipped")
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+    """Static per-bucket layout of the global batch for bucket-aligned stratified sampling.
+
+    Attributes:
+      rows: (start, stop) row range of each bucket in the global batch.
+      t_bounds: (lo, hi) time interval of each bucket, clipped to [t_min, 1].
+      unbias: p_b·B / n_b for each bucket (0 for a bucket with no rows).
+    """
+
+    rows: tuple[tuple[int, int], ...]
+    t_bounds: tuple[tuple[float, float], ...]
+    unbias: tuple[float, ...]
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(stop - start for start, stop in self.rows)
+
+
+def plan_buckets(schedule: Schedule, t_min: float, mask_rate_edges, batch_size: int) -> BucketPlan:
+    """Allocates the rows of a global batch to corruption buckets, proportionally.
+
+    Rows go by largest remainder, and every bucket of positive probability gets at least
+    one row when the batch has enough rows, so no bucket's metrics vanish by rounding.
+    """
+    times = [min(max(schedule.time_at_mask_rate(m), t_min), 1.0) for m in mask_rate_edges]
+    t_bounds = tuple(zip(times[:-1], times[1:]))
+    probs = [(hi - lo) / (1.0 - t_min) for lo, hi in t_bounds]
+    ideal = [p * batch_size for p in probs]
+    counts = [math.floor(x) for x in ideal]
+    by_remainder = sorted(range(len(ideal)), key=lambda b: counts[b] - ideal[b])
+    for b in by_remainder[: batch_size - sum(counts)]:
+        counts[b] += 1
+    for b in range(len(counts)):
+        if probs[b] > 0 and counts[b] == 0 and max(counts) > 1:
+            counts[b] += 1
+            counts[counts.index(max(counts))] -= 1
+    starts = [sum(counts[:b]) for b in range(len(counts))]
+    rows = tuple((s, s + n) for s, n in zip(starts, counts))
+    unbias = tuple(p * batch_size / n if n else 0.0 for p, n in zip(probs, counts))
+    return BucketPlan(rows=rows, t_bounds=t_bounds, unbias=unbias)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardProcess:
+    """Everything static about the forward process; hashable, so jit can close over it."""
+
+    schedule: Schedule
+    t_min: float
+    time_sampling: str
+    loss_weighting: str
+    weight_clip_max: float
+    mask_id: int
+    bucket_edges: tuple[float, ...]  # masking-rate edges of the corruption buckets
+    batch_size: int  # the global batch this process is planned for
+
+    @property
+    def plan(self) -> BucketPlan:
+        return plan_buckets(self.schedule, self.t_min, self.bucket_edges, self.batch_size)
+
+    @property
+    def static_buckets(self) -> bool:
+        """Whether bucket membership is fixed by row index (see the module docstring)."""
+        return self.time_sampling == "stratified"
+
+    def sample_times(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns per-sequence times t_B and their unbiasing factors, both float32[B]."""
+        u_B = jax.random.uniform(rng, (self.batch_size,), jnp.float32)
+        if self.time_sampling == "iid":
+            return self.t_min + (1.0 - self.t_min) * u_B, jnp.ones_like(u_B)
+        lo, width, index, count, unbias = [], [], [], [], []
+        for (start, stop), (t_lo, t_hi), factor in zip(self.plan.rows, self.plan.t_bounds, self.plan.unbias):
+            n = stop - start
+            lo += [t_lo] * n
+            width += [t_hi - t_lo] * n
+            index += list(range(n))
+            count += [n] * n
+            unbias += [factor] * n
+        as_array = lambda xs: jnp.asarray(xs, jnp.float32)
+        t_B = as_array(lo) + as_array(width) * (as_array(index) + u_B) / as_array(count)
+        return t_B, as_array(unbias)
+
+    def weight(self, t_B: jax.Array) -> jax.Array:
+        """The objective's loss weight w(t) of each sequence."""
+        return loss_weight(self.schedule, t_B, self.loss_weighting, self.weight_clip_max)
+
+    def for_evaluation(self, batch_size: int) -> "ForwardProcess":
+        """The same process with exact ELBO weights, planned for the evaluation batch size.
+
+        Validation is always the exact NELBO, whatever weighting an ablation trains with.
+        """
+        return dataclasses.replace(self, loss_weighting="elbo", batch_size=batch_size)
+
+
+@struct.dataclass
+class Corrupted:
+    """A batch after the forward process. Shapes: B sequences of length L.
+
+    The NELBO estimate is Σ weight·unbias·CE over masked tokens divided by the number of
+    valid tokens: `weight_B` is the objective's w(t), `unbias_B` the stratification factor.
+    """
+
+    tokens_BxL: jax.Array  # clean targets
+    noisy_BxL: jax.Array  # model input: clean tokens with [MASK] at masked positions
+    valid_BxL: jax.Array  # real (non-padding) tokens
+    masked_BxL: jax.Array  # masked valid tokens: the positions that are scored
+    drawn_BxL: jax.Array  # every position whose mask was drawn, padding included
+    t_B: jax.Array
+    mask_rate_B: jax.Array  # 1 − α(t): the sequence's corruption level
+    weight_B: jax.Array
+    unbias_B: jax.Array
+
+    def rows(self, start: int, stop: int) -> "Corrupted":
+        """The sub-batch of rows [start, stop)."""
+        return jax.tree.map(lambda x: x[start:stop], self)
+
+
+def corrupt(process: ForwardProcess, rng: jax.Array, tokens_BxL: jax.Array, valid_BxL: jax.Array) -> Corrupted:
+    """Applies the forward process to a clean batch."""
+    if tokens_BxL.shape[0] != process.batch_size:
+        raise ValueError(f"forward process planned for {process.batch_size} rows, batch has {tokens_BxL.shape[0]}")
+    time_rng, mask_rng = jax.random.split(rng)
+    t_B, unbias_B = process.sample_times(time_rng)
+    mask_rate_B = 1.0 - process.schedule.alpha(t_B)
+    drawn_BxL = jax.random.uniform(mask_rng, tokens_BxL.shape) < mask_rate_B[:, None]
+    masked_BxL = drawn_BxL & valid_BxL
+    return Corrupted(
+        tokens_BxL=tokens_BxL,
+        noisy_BxL=jnp.where(masked_BxL, process.mask_id, tokens_BxL),
+        valid_BxL=valid_BxL,
+        masked_BxL=masked_BxL,
+        drawn_BxL=drawn_BxL,
+        t_B=t_B,
+        mask_rate_B=mask_rate_B,
+        weight_B=process.weight(t_B),
+        unbias_B=unbias_B,
+    )

@@ -1,0 +1,64 @@
+"""Host-side handling of the step's metrics: interval means kept on the device, and the
+conversion of fetched values into what the writers receive.
+
+The train loop adds each step's tier-1 metrics into a running (sum, count) pytree with a
+jitted add, so nothing is copied to the host between logging steps. A metric that can be
+undefined for a batch (a ratio with an empty denominator: an empty bucket's accuracy, a
+correlation over constant weights) is NaN on the device; such NaNs are left out of
+interval means and are written as missing (None), never as 0. A NaN in any other metric
+is a real numerical failure and is written as NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdlm_jax.metrics.research import BUCKETS
+
+TIER1_NAMES = (
+    "train/loss", "train/learning_rate", "train/grad_norm",
+    "metrics/mask_accuracy", "metrics/total_masked_tokens", "metrics/valid_ratio",
+)
+
+UNDEFINED_WHEN_EMPTY = frozenset(
+    ["metrics/mask_accuracy", "metrics/valid_ratio",
+     "research/weight_difficulty_correlation", "research/avg_loss_weight", "research/weight_std",
+     "research/avg_prediction_difficulty", "research/gradient_norm_ratio_high_to_low",
+     "val/mask_accuracy"]
+    + [f"research/{b}_corruption_accuracy" for b in BUCKETS]
+)
+
+
+def empty_interval() -> dict[str, tuple[jax.Array, jax.Array]]:
+    return {name: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for name in TIER1_NAMES}
+
+
+@jax.jit
+def accumulate(interval: dict, metrics: Mapping[str, jax.Array]) -> dict:
+    """Adds one step's tier-1 metrics to the interval's (sum, count) pairs, on the device."""
+    out = {}
+    for name, (total, count) in interval.items():
+        value = metrics[name].astype(jnp.float32)
+        skip = jnp.isnan(value) if name in UNDEFINED_WHEN_EMPTY else jnp.zeros((), bool)
+        out[name] = (total + jnp.where(skip, 0.0, value), count + jnp.where(skip, 0.0, 1.0))
+    return out
+
+
+def interval_means(interval_host: Mapping[str, tuple[float, float]]) -> dict[str, float | None]:
+    """Means of a fetched interval; None where every step's value was undefined."""
+    return {name: (float(total) / float(count) if count > 0 else None)
+            for name, (total, count) in interval_host.items()}
+
+
+def to_host_scalars(values: Mapping[str, jax.Array | np.ndarray | float]) -> dict[str, float | None]:
+    """Fetched device scalars as Python floats, with undefined ratios as None (missing)."""
+    out = {}
+    for name, value in values.items():
+        x = float(np.asarray(value))
+        out[name] = None if (name in UNDEFINED_WHEN_EMPTY and math.isnan(x)) else x
+    return out

@@ -1,0 +1,136 @@
+"""Tier-2 (research) metrics: corruption buckets, weight–difficulty statistics, and
+per-bucket gradient norms. Computed inside the detailed variant of the jitted train step.
+
+Buckets. A sequence's corruption level is its masking rate m = 1 − α(t). With edges
+(0, 0.3, 0.7, 1): low is [0, 0.3), medium [0.3, 0.7), high [0.7, 1] (the last bucket
+includes its upper edge).
+
+Per-bucket gradients. L_b is the NELBO restricted to the sequences of bucket b and divided
+by the same denominator as the full loss (the number of valid tokens of the whole batch),
+so Σ_b L_b = L and Σ_b ∇L_b = ∇L. Each ∇L_b is a gradient of its own loss, never a share
+of the total:
+- With 'stratified' time sampling (the default) bucket membership is fixed by row index
+  (`tdlm_jax.diffusion.corruption`), so each ∇L_b is a separate `jax.grad` over that
+  bucket's rows alone. The three sub-batch passes together cost about one full pass, and
+  the update uses their sum, which is ∇L: the detailed step costs little more than an
+  ordinary one and applies the same update (equal up to float summation order).
+- With 'iid' time sampling membership is random, so one forward pass is shared and its
+  VJP is pulled back three times, once per bucket-masked cotangent (1 forward + 3
+  backward passes). The update again uses the sum of the three.
+Neither path changes the estimator: the loss is the same unbiased NELBO estimate as in
+the ordinary step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess
+from tdlm_jax.diffusion.loss import correct_predictions
+from tdlm_jax.metrics.tier1 import safe_ratio
+
+BUCKETS = ("low", "medium", "high")
+
+# (params, batch) -> (per-row NELBO contributions float32[rows], logits [rows, L, V])
+RowLossFn = Callable[[Any, Corrupted], tuple[jax.Array, jax.Array]]
+
+
+def bucket_index(mask_rate_B: jax.Array, edges) -> jax.Array:
+    """The bucket of each sequence: b such that edges[b] <= m < edges[b+1] (last one closed)."""
+    interior = jnp.asarray(edges[1:-1], jnp.float32)
+    return jnp.searchsorted(interior, mask_rate_B, side="right").astype(jnp.int32)
+
+
+def row_buckets(process: ForwardProcess, batch: Corrupted) -> jax.Array:
+    """Bucket of every row: by construction for stratified sampling, by masking rate otherwise."""
+    if process.static_buckets:
+        return jnp.concatenate([jnp.full((stop - start,), b, jnp.int32)
+                                for b, (start, stop) in enumerate(process.plan.rows)])
+    return bucket_index(batch.mask_rate_B, process.bucket_edges)
+
+
+def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, process: ForwardProcess
+                     ) -> tuple[list[Any], jax.Array, jax.Array]:
+    """∇θ L_b for every bucket, by separate gradient computations of bucket-restricted losses.
+
+    Returns (gradients by bucket, per-row losses float32[B], logits [B, L, V]).
+    """
+    if process.static_buckets:
+        grads, row_losses, logits = [], [], []
+        for start, stop in process.plan.rows:
+            if stop == start:  # a bucket with no rows has a zero gradient
+                grads.append(jax.tree.map(jnp.zeros_like, params))
+                continue
+            sub_batch = batch.rows(start, stop)
+            bucket_loss = lambda p: _summed(row_loss_fn(p, sub_batch))
+            grad_b, (rows_b, logits_b) = jax.grad(bucket_loss, has_aux=True)(params)
+            grads.append(grad_b)
+            row_losses.append(rows_b)
+            logits.append(logits_b)
+        return grads, jnp.concatenate(row_losses), jnp.concatenate(logits)
+
+    rows_B, pullback, logits = jax.vjp(lambda p: row_loss_fn(p, batch), params, has_aux=True)
+    buckets_B = row_buckets(process, batch)
+    grads = [pullback((buckets_B == b).astype(rows_B.dtype))[0] for b in range(len(BUCKETS))]
+    return grads, rows_B, logits
+
+
+def _summed(rows_and_logits: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    rows, logits = rows_and_logits
+    return rows.sum(), (rows, logits)
+
+
+def pearson(x: jax.Array, y: jax.Array, where: jax.Array) -> jax.Array:
+    """Pearson correlation of x and y over the entries where `where` holds; NaN if undefined."""
+    n = where.sum()
+    mean = lambda v: safe_ratio(jnp.where(where, v, 0.0).sum(), n)
+    dx, dy = jnp.where(where, x - mean(x), 0.0), jnp.where(where, y - mean(y), 0.0)
+    return safe_ratio((dx * dy).sum(), jnp.sqrt((dx * dx).sum() * (dy * dy).sum()))
+
+
+def research_metrics(logits_BxLxV: jax.Array, batch: Corrupted, process: ForwardProcess,
+                     row_losses_B: jax.Array, grads_by_bucket: list[Any]) -> dict[str, jax.Array]:
+    """All tier-2 metrics of one global batch; names as in the metrics guide."""
+    buckets_B = row_buckets(process, batch)
+    correct_BxL = correct_predictions(logits_BxLxV, batch)
+    norms = [optax.global_norm(g) for g in grads_by_bucket]
+    total_grad = jax.tree.map(lambda *gs: sum(gs), *grads_by_bucket)
+    out = {}
+    for b, name in enumerate(BUCKETS):
+        in_bucket_B = buckets_B == b
+        masked_b = batch.masked_BxL & in_bucket_B[:, None]
+        out[f"research/{name}_corruption_accuracy"] = safe_ratio(
+            (correct_BxL & masked_b).sum().astype(jnp.float32), masked_b.sum())
+        out[f"research/{name}_corruption_count"] = in_bucket_B.sum().astype(jnp.float32)
+        out[f"research/{name}_corruption_loss"] = jnp.where(in_bucket_B, row_losses_B, 0.0).sum()
+        out[f"research/gradient_norm_{name}_corruption"] = norms[b]
+    out["research/gradient_norm_total"] = optax.global_norm(total_grad)
+    low_is_empty = out["research/low_corruption_count"] == 0
+    out["research/gradient_norm_ratio_high_to_low"] = jnp.where(
+        low_is_empty, jnp.nan, safe_ratio(norms[-1], norms[0]))
+    out.update(weight_difficulty_metrics(logits_BxLxV, batch))
+    return out
+
+
+def weight_difficulty_metrics(logits_BxLxV: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
+    """Statistics over the masked valid tokens of the batch.
+
+    A token's weight is its sequence's w(t); its difficulty is 1 − max_v p(v), the model's
+    uncertainty at that position. weight_std is the population standard deviation.
+    """
+    masked = batch.masked_BxL
+    n = masked.sum()
+    weight_BxL = jnp.broadcast_to(batch.weight_B[:, None], masked.shape)
+    difficulty_BxL = 1.0 - jnp.exp(jnp.max(jax.nn.log_softmax(logits_BxLxV, axis=-1), axis=-1))
+    mean_weight = safe_ratio(jnp.where(masked, weight_BxL, 0.0).sum(), n)
+    weight_var = safe_ratio(jnp.where(masked, (weight_BxL - mean_weight) ** 2, 0.0).sum(), n)
+    return {
+        "research/weight_difficulty_correlation": pearson(weight_BxL, difficulty_BxL, masked),
+        "research/avg_loss_weight": mean_weight,
+        "research/weight_std": jnp.sqrt(weight_var),
+        "research/avg_prediction_difficulty": safe_ratio(jnp.where(masked, difficulty_BxL, 0.0).sum(), n),
+    }

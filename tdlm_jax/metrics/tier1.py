@@ -1,0 +1,37 @@
+"""Tier-1 (essential) metrics, computed inside the jitted step over the global batch.
+
+Every ratio is pooled over the global batch (total correct / total masked), never a mean
+of per-device means. A ratio with an empty denominator is NaN on the device and is
+written as missing (see `UNDEFINED_WHEN_EMPTY` in `tdlm_jax.metrics.logging`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tdlm_jax.diffusion.corruption import Corrupted
+from tdlm_jax.diffusion.loss import correct_predictions
+
+
+def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator / denominator, or NaN ("missing") when the denominator is 0."""
+    denominator = jnp.asarray(denominator, jnp.float32)
+    return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), jnp.nan)
+
+
+def tier1_metrics(logits_BxLxV: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
+    """metrics/mask_accuracy, metrics/total_masked_tokens and metrics/valid_ratio.
+
+    - mask_accuracy: correct argmax predictions / masked valid tokens.
+    - total_masked_tokens: masked valid tokens in the global batch.
+    - valid_ratio: of all positions whose mask was drawn, the share that are real tokens
+      (not padding). 1.0 on packed data; low values mean the batch is mostly padding.
+    """
+    num_masked = batch.masked_BxL.sum().astype(jnp.float32)
+    num_correct = correct_predictions(logits_BxLxV, batch).sum().astype(jnp.float32)
+    return {
+        "metrics/mask_accuracy": safe_ratio(num_correct, num_masked),
+        "metrics/total_masked_tokens": num_masked,
+        "metrics/valid_ratio": safe_ratio(num_masked, batch.drawn_BxL.sum()),
+    }

@@ -1,0 +1,318 @@
+"""Metric writers: the clu `MetricWriter` interface over TensorBoard, JSONL and console.
+
+clu itself needs TensorFlow, so this module re-implements its small interface on top of
+tensorboardX. A scalar value of `None` means "missing" (e.g. the accuracy of an empty
+bucket) and is never shown as 0: TensorBoard skips it, JSONL writes `null`, the console
+prints `n/a`.
+
+Hyperparameters live in `<workdir>/config.json` (written by the trainer); here they only
+go to TensorBoard, as a text summary, and to the console.
+"""
+
+import abc
+import glob
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
+
+Scalar = int | float | None
+
+# JSON has no NaN/Infinity literals; Python's json module would emit them anyway and
+# produce files other readers reject, so non-finite floats are stored as these strings.
+_NON_FINITE_TO_JSON = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class MetricWriter(abc.ABC):
+    """Writes scalars, texts and hyperparameters (same methods as clu's MetricWriter)."""
+
+    @abc.abstractmethod
+    def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
+        """Writes scalar values at `step`; a `None` value means "missing"."""
+
+    @abc.abstractmethod
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Writes text values (e.g. generated samples) at `step`."""
+
+    @abc.abstractmethod
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Writes hyperparameters, possibly nested mappings."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Makes everything written so far durable."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flushes and releases resources; the writer must not be used afterwards."""
+
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def as_scalar(value: Any) -> Scalar:
+    """Converts a Python, numpy or 0-d jax value to a Python int/float (None stays None).
+
+    Ints stay ints so that counters (tokens seen, steps) are not shown as 1.2e+09.
+    """
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"scalar metric must have exactly one element, got shape {array.shape}")
+    item = array.reshape(()).item()
+    if isinstance(item, bool):
+        return int(item)
+    if isinstance(item, int):
+        return item
+    return float(item)
+
+
+def flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flattens nested mappings to `{"a.b": value}`, keeping the insertion order."""
+    flat: dict[str, Any] = {}
+    for key, value in hparams.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_hparams(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class TensorBoardWriter(MetricWriter):
+    """Writes TensorBoard event files in `logdir` through tensorboardX."""
+
+    def __init__(self, logdir: str) -> None:
+        self._writer = SummaryWriter(logdir=logdir)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
+        for key, value in scalars.items():
+            value = as_scalar(value)
+            if value is not None:  # a missing value must not become a point on a curve
+                self._writer.add_scalar(key, float(value), global_step=int(step))
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for key, text in texts.items():
+            self._writer.add_text(key, text, global_step=int(step))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        # add_hparams writes into a new timestamped sub-directory and only accepts flat
+        # str/bool/number values, so a markdown table in a text summary is more robust.
+        rows = [f"| `{k}` | `{v!r}` |" for k, v in flatten_hparams(hparams).items()]
+        table = "\n".join(["| name | value |", "| --- | --- |", *rows])
+        self._writer.add_text("hparams", table, global_step=0)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _read_records(path: str) -> Iterator[bytes]:
+    """Yields the payloads of a TFRecord file: u64 length, u32 crc, data, u32 crc.
+
+    Stops at the first torn or corrupt record, which is what a killed writer leaves.
+    """
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return
+            length_bytes, (header_crc,) = header[:8], struct.unpack("<I", header[8:])
+            if masked_crc32c(length_bytes) != header_crc:
+                return
+            (length,) = struct.unpack("<Q", length_bytes)
+            data = f.read(length)
+            footer = f.read(4)
+            if len(data) < length or len(footer) < 4:
+                return
+            if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+                return
+            yield data
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """Reads the scalars of all event files directly in `logdir`: {tag: [(step, value)]}.
+
+    Files are read in name order (their names start with the creation time), so a
+    resumed run's points follow the earlier run's. Values are float32-precision, as
+    TensorBoard stores them.
+    """
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for record in _read_records(path):
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                if value.WhichOneof("value") == "simple_value":
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def _to_json_value(value: Scalar) -> int | float | str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def _from_json_value(value: Any) -> Any:
+    if isinstance(value, str) and value in _NON_FINITE_TO_JSON:
+        return _NON_FINITE_TO_JSON[value]
+    return value
+
+
+class JsonlWriter(MetricWriter):
+    """Appends one JSON object per `write_scalars` call to `path`.
+
+    Rows look like `{"step": 100, "train/loss": 3.1, "eval/acc": null}`: `null` means
+    missing; NaN and +-inf are written as the strings "NaN", "Infinity", "-Infinity"
+    (valid JSON, unlike Python's default) and `read_jsonl` turns them back into floats.
+    Texts and hparams are not written here (config.json holds the hparams).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
+        if "step" in scalars:
+            raise ValueError("'step' is reserved in metrics.jsonl rows; rename that metric")
+        row = {"step": int(step)}
+        row.update({k: _to_json_value(as_scalar(v)) for k, v in scalars.items()})
+        # Open, append and close on every call so that a killed run loses nothing;
+        # writes only happen on logging steps, so this costs nothing measurable.
+        with open(self._path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        del step, texts  # metrics.jsonl holds scalars only.
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        del hparams  # config.json holds the hparams.
+
+    def flush(self) -> None:
+        pass  # every write is already flushed.
+
+    def close(self) -> None:
+        pass
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Reads the rows of a metrics.jsonl file, restoring NaN/inf floats."""
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{k: _from_json_value(v) for k, v in row.items()} for row in rows]
+
+
+def format_scalar(value: Scalar) -> str:
+    """Formats a scalar compactly: `n/a`, ints as ints, 4 decimals, tiny/huge in e-notation."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value.is_integer() and abs(value) >= 1e4:
+        return str(int(value))
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+        return f"{value:.4e}"
+    return f"{value:.4f}"
+
+
+class ConsoleWriter(MetricWriter):
+    """Logs one line per write through absl logging."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
+        parts = [f"{k}={format_scalar(as_scalar(v))}" for k, v in scalars.items()]
+        logging.info(" | ".join([f"step {int(step)}", *parts]))
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        # Escaped newlines keep one log line per write, so logs stay grep-able.
+        parts = [f"{k}: {text!r}" for k, text in texts.items()]
+        logging.info(" | ".join([f"step {int(step)}", *parts]))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        parts = [f"{k}={v!r}" for k, v in flatten_hparams(hparams).items()]
+        logging.info(" | ".join(["hparams", *parts]))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MultiWriter(MetricWriter):
+    """Fans every call out to several writers, in order."""
+
+    def __init__(self, writers: Sequence[MetricWriter]) -> None:
+        self._writers = list(writers)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
+        for writer in self._writers:
+            writer.write_scalars(step, scalars)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for writer in self._writers:
+            writer.write_texts(step, texts)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        for writer in self._writers:
+            writer.write_hparams(hparams)
+
+    def flush(self) -> None:
+        for writer in self._writers:
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
+
+class NullWriter(MetricWriter):
+    """Writes nothing: the writer of non-primary processes."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
+        pass
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        pass
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def create_default_writer(workdir: str, *, is_primary: bool | None = None) -> MetricWriter:
+    """TensorBoard at `workdir` + `workdir/metrics.jsonl` + console on process 0.
+
+    Other processes get a `NullWriter`, since every process sees the same (all-reduced)
+    metrics and only one copy should land on disk. `is_primary` overrides the check.
+    """
+    if is_primary is None:
+        is_primary = jax.process_index() == 0
+    if not is_primary:
+        return NullWriter()
+    return MultiWriter([
+        TensorBoardWriter(workdir),
+        JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+        ConsoleWriter(),
+    ])

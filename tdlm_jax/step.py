@@ -1,0 +1,115 @@
+"""Pure jitted train and eval steps: no I/O and no config reads inside jit.
+
+The train step is one `jax.jit` function over global arrays: the batch is sharded along
+the mesh's data axis and the state is replicated, so XLA inserts the gradient all-reduce
+and the same code runs on 1 device or N. Its `detailed` argument is static and selects a
+separately compiled variant that also computes the tier-2 research metrics; both variants
+apply the same parameter update (see `tdlm_jax.metrics.research`).
+
+The step's randomness is `fold_in(run key, step)`, so a resumed run draws exactly the
+noise an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from tdlm_jax import sharding
+from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess, corrupt
+from tdlm_jax.diffusion.loss import correct_predictions, num_valid_tokens, weighted_token_losses
+from tdlm_jax.metrics import research
+from tdlm_jax.metrics.tier1 import tier1_metrics
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: the number of updates applied so far
+    params: Any  # nnx.State of the denoiser's parameters
+    opt_state: Any
+    rng: jax.Array  # uint32 raw key data of the run's base key
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def step_rng(state_rng: jax.Array, step: jax.Array) -> jax.Array:
+    """The key of one training step, a pure function of the run key and the step number."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
+
+
+def row_losses(graphdef: nnx.GraphDef, params: Any, batch: Corrupted, num_valid: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """Each row's contribution to the NELBO, normalized by the whole batch's valid tokens.
+
+    `num_valid` is passed in rather than computed from `batch` so that a sub-batch's rows
+    keep the full batch's denominator, and bucket losses add up to the full loss.
+    """
+    model = nnx.merge(graphdef, params)
+    logits_BxLxV = model(batch.noisy_BxL, batch.valid_BxL, batch.t_B)
+    return weighted_token_losses(logits_BxLxV, batch).sum(axis=-1) / num_valid, logits_BxLxV
+
+
+def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *, graphdef: nnx.GraphDef,
+               process: ForwardProcess, optimizer: optax.GradientTransformation,
+               lr_schedule: Callable[[jax.Array], jax.Array], detailed: bool) -> tuple[TrainState, dict]:
+    """One optimizer update on a global batch; returns the new state and a dict of device scalars."""
+    batch = corrupt(process, step_rng(state.rng, state.step), tokens_BxL, valid_BxL)
+    row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid_tokens(batch))
+
+    if detailed:
+        grads_by_bucket, rows_B, logits = research.bucket_gradients(row_loss_fn, state.params, batch, process)
+        grads = jax.tree.map(lambda *gs: sum(gs), *grads_by_bucket)
+    else:
+        def loss_fn(params):
+            rows, logits = row_loss_fn(params, batch)
+            return rows.sum(), (rows, logits)
+        grads, (rows_B, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    metrics = {
+        "train/loss": rows_B.sum(),
+        "train/learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
+        "train/grad_norm": optax.global_norm(grads),
+        **tier1_metrics(logits, batch),
+    }
+    if detailed:
+        metrics.update(research.research_metrics(logits, batch, process, rows_B, grads_by_bucket))
+    return new_state, metrics
+
+
+def eval_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax.Array, *,
+              graphdef: nnx.GraphDef, process: ForwardProcess) -> dict[str, jax.Array]:
+    """Sums over one validation batch, to be pooled over all batches by the caller.
+
+    `process` must use exact ELBO weights (`ForwardProcess.for_evaluation`).
+    """
+    batch = corrupt(process, rng, tokens_BxL, valid_BxL)
+    logits = nnx.merge(graphdef, params)(batch.noisy_BxL, batch.valid_BxL, batch.t_B)
+    return {
+        "nelbo_sum": weighted_token_losses(logits, batch).sum(),
+        "valid_tokens": batch.valid_BxL.sum().astype(jnp.float32),
+        "masked_tokens": batch.masked_BxL.sum().astype(jnp.float32),
+        "correct_tokens": correct_predictions(logits, batch).sum().astype(jnp.float32),
+    }
+
+
+def jit_train_step(mesh: Mesh, **static) -> Callable[..., tuple[TrainState, dict]]:
+    """`train_step` jitted with donated state; call as f(state, tokens, valid, detailed=bool)."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(functools.partial(train_step, **static), static_argnames=("detailed",),
+                   donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def jit_eval_step(mesh: Mesh, **static) -> Callable[..., dict]:
+    return jax.jit(functools.partial(eval_step, **static), out_shardings=sharding.replicated(mesh))

@@ -1,0 +1,223 @@
+"""Tests for tdlm_jax.data: tokenizer, text sources, windows and batch pipelines."""
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tdlm_jax.data import pipeline, sources, tokenizer
+from tdlm_jax.errors import DataError
+
+PAD = 257
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _rows(batch):
+    """Rows of a batch as a sorted list of tuples, for order-free comparison."""
+    return sorted(map(tuple, batch["tokens"].tolist()))
+
+
+def _train_iter(tokens, **overrides):
+    kwargs = dict(seq_len=8, global_batch_size=4, seed=0, pad_id=PAD)
+    kwargs.update(overrides)
+    return pipeline.make_train_iterator(tokens, **kwargs)
+
+
+# ----------------------------------------------------------------- tokenizer
+
+
+def test_byte_tokenizer_ids_and_round_trip():
+    tok = tokenizer.get_tokenizer("byte")
+    assert (tok.mask_id, tok.pad_id, tok.vocab_size, tok.text_vocab_size) == (256, 257, 258, 256)
+    text = "To be, or not to be — ça va?"
+    ids = tok.encode(text)
+    assert ids.dtype == np.int32 and ids.max() < 256
+    assert tok.decode(ids) == text
+
+
+def test_byte_tokenizer_decode_specials_and_invalid_utf8():
+    tok = tokenizer.ByteTokenizer()
+    ids = list(tok.encode("ab")) + [tok.mask_id] + list(tok.encode("c")) + [tok.pad_id] * 3
+    assert tok.decode(ids) == "ab_c"
+    assert tok.decode(ids, mask_str="[M]") == "ab[M]c"
+    # A multi-byte character cut in half decodes to U+FFFD instead of failing.
+    assert tok.decode(tok.encode("é")[:1]) == "\ufffd"
+
+
+def test_unknown_tokenizer_names_allowed():
+    with pytest.raises(DataError, match="'byte'"):
+        tokenizer.get_tokenizer("gpt2")
+
+
+# ------------------------------------------------------------------- sources
+
+
+def test_shakespeare_loads_clean_text():
+    text = sources.load_text("shakespeare")
+    assert len(text.encode("utf-8")) > 4_000_000
+    assert "ROMEO" in text
+    assert "*" not in text and "_" not in text and "\\[" not in text
+    assert "  \n" not in text and "\n\n\n" not in text
+    assert sources.load_text("shakespeare") is text  # cached per process
+
+
+def test_strip_markdown():
+    md = "# Play\n\n\n\n**HAMLET**  \nTo be.  \n_Exit_ \\[Aside] *Sound a horn.*\n"
+    assert sources.strip_markdown(md) == "Play\n\nHAMLET\nTo be.\nExit [Aside] Sound a horn.\n"
+
+
+def test_load_local_files_and_glob(tmp_path):
+    (tmp_path / "b.txt").write_text("second\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first\n", encoding="utf-8")
+    assert sources.load_text(str(tmp_path / "a.txt")) == "first\n"
+    assert sources.load_text(str(tmp_path / "*.txt")) == "first\n\nsecond"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "blank", "nomatch", "directory"])
+def test_bad_sources_raise_data_error_naming_path(tmp_path, kind):
+    path = tmp_path / "corpus.txt"
+    if kind == "empty":
+        path.write_text("")
+    elif kind == "blank":
+        path.write_text(" \n\t\n")
+    elif kind == "nomatch":
+        path = tmp_path / "*.nothing"
+    elif kind == "directory":
+        path = tmp_path
+    with pytest.raises(DataError, match="--config.data.source") as info:
+        sources.load_text(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_split_train_val_deterministic_disjoint_sizes():
+    tokens = np.arange(1000, dtype=np.int32)
+    train, val = sources.split_train_val(tokens, 0.1, seq_len=16)
+    assert (len(train), len(val)) == (900, 100)
+    np.testing.assert_array_equal(np.concatenate([train, val]), tokens)
+    assert not set(train.tolist()) & set(val.tolist())
+    train2, val2 = sources.split_train_val(tokens, 0.1, seq_len=16)
+    np.testing.assert_array_equal(train, train2)
+    np.testing.assert_array_equal(val, val2)
+
+
+@pytest.mark.parametrize("val_fraction, seq_len", [(0.1, 200), (0.0, 8), (1.0, 8)])
+def test_split_train_val_rejects_bad_sizes(val_fraction, seq_len):
+    with pytest.raises(DataError):
+        sources.split_train_val(np.arange(1000), val_fraction, seq_len)
+
+
+# ------------------------------------------------------------------- windows
+
+
+def test_windows_shape_and_padding():
+    tokens_nxl, valid_nxl = pipeline.windows(np.arange(10), 4, PAD)
+    assert tokens_nxl.shape == valid_nxl.shape == (3, 4)
+    assert tokens_nxl.dtype == np.int32 and valid_nxl.dtype == bool
+    np.testing.assert_array_equal(tokens_nxl[2], [8, 9, PAD, PAD])
+    np.testing.assert_array_equal(valid_nxl[2], [True, True, False, False])
+    assert valid_nxl[:2].all()
+    exact, exact_valid = pipeline.windows(np.arange(8), 4, PAD)
+    assert exact.shape == (2, 4) and exact_valid.all()
+
+
+# --------------------------------------------------------------- train iterator
+
+
+def test_train_iterator_batches_and_determinism():
+    tokens = np.arange(8 * 10 + 3, dtype=np.int32)  # 11 windows, last partial
+    first = _take(_train_iter(tokens), 6)
+    assert first[0]["tokens"].shape == first[0]["valid"].shape == (4, 8)
+    assert first[0]["tokens"].dtype == np.int32 and first[0]["valid"].dtype == bool
+    again = _take(_train_iter(tokens), 6)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        np.testing.assert_array_equal(a["valid"], b["valid"])
+    other = _take(_train_iter(tokens, seed=1), 6)
+    assert any(not np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(first, other))
+    # Padding stays aligned with `valid`.
+    for batch in first:
+        assert ((batch["tokens"] == PAD) == ~batch["valid"]).all()
+
+
+def test_train_iterator_reshuffles_each_epoch():
+    tokens = np.arange(8 * 16, dtype=np.int32)  # 16 windows = 4 steps per epoch
+    batches = _take(_train_iter(tokens), 8)
+    epoch0 = np.concatenate([b["tokens"][:, 0] for b in batches[:4]])
+    epoch1 = np.concatenate([b["tokens"][:, 0] for b in batches[4:]])
+    assert sorted(epoch0) == sorted(epoch1) == list(range(0, 128, 8))  # each window once
+    assert not np.array_equal(epoch0, epoch1)
+
+
+def test_train_iterator_hosts_split_the_global_batch():
+    tokens = np.arange(8 * 40, dtype=np.int32)
+    single = _take(_train_iter(tokens, global_batch_size=8), 5)
+    hosts = [
+        _take(_train_iter(tokens, global_batch_size=8, process_index=i, process_count=2), 5)
+        for i in range(2)
+    ]
+    for step, global_batch in enumerate(single):
+        host_rows = [_rows(h[step]) for h in hosts]
+        assert all(len(r) == 4 for r in host_rows)
+        assert not set(host_rows[0]) & set(host_rows[1])
+        assert sorted(host_rows[0] + host_rows[1]) == _rows(global_batch)
+
+
+def test_train_iterator_rejects_indivisible_batch():
+    with pytest.raises(DataError, match="divisible"):
+        _train_iter(np.arange(100), global_batch_size=5, process_count=2)
+
+
+def test_train_iterator_state_restore_resumes_exactly():
+    tokens = np.arange(8 * 13 + 5, dtype=np.int32)
+    it = _train_iter(tokens)
+    _take(it, 7)  # crosses an epoch boundary (14 windows = 3.5 steps per epoch)
+    state = it.get_state()
+    expected = _take(it, 6)
+    restored = _train_iter(tokens)
+    restored.set_state(state)
+    for a, b in zip(expected, _take(restored, 6)):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        np.testing.assert_array_equal(a["valid"], b["valid"])
+
+
+def test_train_iterator_orbax_checkpoint_round_trip(tmp_path):
+    tokens = np.arange(8 * 20, dtype=np.int32)
+    it = _train_iter(tokens)
+    _take(it, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+        expected = _take(it, 4)
+        fresh = _train_iter(tokens)
+        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    for a, b in zip(expected, _take(fresh, 4)):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+# -------------------------------------------------------------- eval batches
+
+
+def test_eval_batches_fixed_and_padded():
+    tokens = np.arange(8 * 5 + 2, dtype=np.int32)  # 6 windows, last partial
+    batches = pipeline.make_eval_batches(
+        tokens, seq_len=8, batch_size=4, num_batches=None, pad_id=PAD
+    )
+    assert len(batches) == 2
+    assert all(b["tokens"].shape == b["valid"].shape == (4, 8) for b in batches)
+    np.testing.assert_array_equal(batches[0]["tokens"].reshape(-1), np.arange(32))
+    assert not batches[1]["valid"][2:].any() and (batches[1]["tokens"][2:] == PAD).all()
+    assert batches[1]["valid"][1, :2].all() and not batches[1]["valid"][1, 2:].any()
+    again = pipeline.make_eval_batches(tokens, seq_len=8, batch_size=4, num_batches=0, pad_id=PAD)
+    for a, b in zip(batches, again):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+def test_eval_batches_limit_and_shortfall():
+    tokens = np.arange(8 * 20, dtype=np.int32)
+    one = pipeline.make_eval_batches(tokens, seq_len=8, batch_size=4, num_batches=1, pad_id=PAD)
+    assert len(one) == 1 and one[0]["valid"].all()
+    many = pipeline.make_eval_batches(tokens, seq_len=8, batch_size=8, num_batches=10, pad_id=PAD)
+    assert len(many) == 3 and many[2]["valid"].sum() == 4 * 8
