@@ -8,7 +8,7 @@ global batch and runs unchanged on 1 device or N. Each host feeds only its own r
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -17,9 +17,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def make_mesh() -> Mesh:
-    """A 1-D data-parallel mesh over all devices."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D data-parallel mesh over `devices` (default: all devices of all hosts)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

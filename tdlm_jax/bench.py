@@ -1,0 +1,90 @@
+"""Step-time benchmark: `python -m tdlm_jax.bench [--config=configs/base.py] [--steps=20]`.
+
+Prints the cost of the metrics tiers as ratios of step times, on the config's model and
+batch shapes (random tokens; only shapes matter for speed):
+- bare: the train step with its outputs other than the new state discarded, so XLA
+  removes every metric computation: loss, gradient and update only;
+- ordinary: the step as it runs on most steps, with tier-1 metrics;
+- detailed: the research variant, with tier-2 metrics and per-bucket gradients.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from tdlm_jax import config as config_lib
+from tdlm_jax import optim, sharding
+from tdlm_jax import step as step_lib
+from tdlm_jax.data.tokenizer import get_tokenizer
+from tdlm_jax.model.transformer import Denoiser
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Config whose shapes to benchmark.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats per variant; the median is reported.")
+
+
+def time_per_step(fn, state, batch, steps: int, repeats: int) -> tuple[float, object]:
+    """Median seconds per step over `repeats` runs of `steps` steps, after a warm-up step."""
+    state = fn(state, batch["tokens"], batch["valid"])  # compile and warm up
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            state = fn(state, batch["tokens"], batch["valid"])
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - start) / steps)
+    return float(np.median(times)), state
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    config_lib.validate(config, num_devices=jax.device_count())
+    mesh = sharding.make_mesh()
+    tok = get_tokenizer(config.data.tokenizer)
+    model = Denoiser(config_lib.model_config(config, vocab_size=tok.vocab_size,
+                                             num_predictable=tok.text_vocab_size), nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tc = config.training
+    schedule = optim.learning_rate_schedule(tc.learning_rate, tc.num_steps, tc.warmup_steps,
+                                            tc.decay_schedule, tc.min_learning_rate_ratio)
+    optimizer = optim.make_optimizer(schedule, weight_decay=tc.weight_decay, b1=tc.adam_b1, b2=tc.adam_b2,
+                                     grad_clip_norm=tc.grad_clip_norm)
+    process = config_lib.forward_process(config, tok.mask_id)
+    step = step_lib.jit_train_step(mesh, graphdef=graphdef, process=process, optimizer=optimizer,
+                                   lr_schedule=schedule)
+    bare = jax.jit(lambda s, t, v: step_lib.train_step(s, t, v, graphdef=graphdef, process=process,
+                                                         optimizer=optimizer, lr_schedule=schedule,
+                                                         detailed=False)[0],
+                   donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
+    variants = {
+        "bare": bare,
+        "ordinary": lambda s, t, v: step(s, t, v, detailed=False)[0],
+        "detailed": lambda s, t, v: step(s, t, v, detailed=True)[0],
+    }
+    rng = np.random.default_rng(0)
+    shape = (tc.batch_size, config.data.seq_len)
+    batch = sharding.global_batch({"tokens": rng.integers(0, tok.text_vocab_size, shape).astype(np.int32),
+                                   "valid": np.ones(shape, bool)}, mesh)
+    state = sharding.replicate(step_lib.init_state(params, optimizer, config.seed), mesh)
+    seconds = {}
+    for name, fn in variants.items():
+        seconds[name], state = time_per_step(fn, state, batch, _STEPS.value, _REPEATS.value)
+    print(f"config: {config_flags.get_config_filename(flags.FLAGS['config'])}  batch {shape[0]} x {shape[1]}, "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s), time sampling "
+          f"{config.diffusion.time_sampling}")
+    for name, value in seconds.items():
+        print(f"  {name:<9} {1000 * value:9.2f} ms/step")
+    print(f"tier-1 overhead   ordinary / bare     = {seconds['ordinary'] / seconds['bare']:.3f}")
+    print(f"tier-2 cost       detailed / ordinary = {seconds['detailed'] / seconds['ordinary']:.3f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

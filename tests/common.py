@@ -1,0 +1,61 @@
+"""Small shared building blocks for tests: one tiny model and one set of jitted steps per
+process, because compilation dominates the cost of small CPU tests."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tdlm_jax import optim, sharding
+from tdlm_jax import step as step_lib
+from tdlm_jax.diffusion.corruption import ForwardProcess
+from tdlm_jax.diffusion.schedules import Schedule
+from tdlm_jax.model.transformer import Denoiser, ModelConfig
+
+BATCH, LENGTH = 8, 16
+EDGES = (0.0, 0.3, 0.7, 1.0)
+MODEL = ModelConfig(vocab_size=258, num_predictable=256, d_model=32, num_heads=2, num_layers=2, mlp_dim=64)
+
+
+def make_process(sampling: str = "stratified", t_min: float = 1e-3, batch_size: int = BATCH) -> ForwardProcess:
+    return ForwardProcess(Schedule("linear"), t_min, sampling, "elbo", 10.0, 256, EDGES, batch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def model_parts():
+    """(graphdef, params) of a freshly initialized tiny denoiser."""
+    return nnx.split(Denoiser(MODEL, nnx.Rngs(0)))
+
+
+@functools.lru_cache(maxsize=None)
+def optimizer_and_schedule():
+    schedule = optim.learning_rate_schedule(1e-3, 100, 0, "constant", 1.0)
+    return optim.make_optimizer(schedule, weight_decay=0.0, b1=0.9, b2=0.99, grad_clip_norm=0.0), schedule
+
+
+@functools.lru_cache(maxsize=None)
+def train_fn(num_devices: int, sampling: str = "stratified", t_min: float = 1e-3):
+    """The jitted train step on a mesh of the first `num_devices` devices."""
+    mesh = sharding.make_mesh(jax.devices()[:num_devices])
+    optimizer, schedule = optimizer_and_schedule()
+    fn = step_lib.jit_train_step(mesh, graphdef=model_parts()[0], process=make_process(sampling, t_min),
+                                 optimizer=optimizer, lr_schedule=schedule)
+    return mesh, fn
+
+
+def fresh_state(mesh):
+    optimizer, _ = optimizer_and_schedule()
+    return sharding.replicate(step_lib.init_state(model_parts()[1], optimizer, seed=0), mesh)
+
+
+def random_batch(seed: int = 0, with_padding: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 256, (BATCH, LENGTH)).astype(np.int32)
+    valid = np.ones((BATCH, LENGTH), bool)
+    if with_padding:
+        valid[-1, LENGTH // 2:] = False  # one row ends in padding, like a final window
+        tokens[~valid] = 257
+    return {"tokens": tokens, "valid": valid}

@@ -1,0 +1,163 @@
+"""Tier-2 research metrics against brute-force and numpy recomputations."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tdlm_jax.diffusion.corruption import Corrupted, corrupt
+from tdlm_jax.diffusion.loss import num_valid_tokens
+from tdlm_jax.metrics import aggregation, research
+from tdlm_jax.step import row_losses
+from common import EDGES, make_process, model_parts, random_batch
+
+PAD_ID = 257
+
+
+def test_bucket_index_at_the_edges():
+    m = jnp.array([0.0, 0.2999, 0.3, 0.6999, 0.7, 0.99, 1.0])
+    np.testing.assert_array_equal(research.bucket_index(m, EDGES), [0, 0, 1, 1, 2, 2, 2])
+    custom = (0.0, 0.5, 0.9, 1.0)
+    np.testing.assert_array_equal(research.bucket_index(jnp.array([0.49, 0.5, 0.9]), custom), [0, 1, 2])
+
+
+def test_stratified_rows_lie_in_the_bucket_their_masking_rate_names():
+    process = make_process(batch_size=32)
+    batch = corrupt(process, jax.random.key(0), jnp.zeros((32, 4), jnp.int32), jnp.ones((32, 4), bool))
+    np.testing.assert_array_equal(research.row_buckets(process, batch),
+                                  research.bucket_index(batch.mask_rate_B, EDGES))
+
+
+def hand_built_batch():
+    """4 rows: low (m=0.2), medium (m=0.5), medium (m=0.6), high (m=0.9)."""
+    tokens = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, PAD_ID, PAD_ID]])
+    valid = tokens != PAD_ID
+    masked = jnp.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1], [1, 1, 0, 0]], bool)
+    rate = jnp.array([0.2, 0.5, 0.6, 0.9])
+    return Corrupted(tokens_BxL=tokens, noisy_BxL=jnp.where(masked, 256, tokens), valid_BxL=valid,
+                     masked_BxL=masked, drawn_BxL=masked, t_B=rate, mask_rate_B=rate, weight_B=1.0 / rate,
+                     unbias_B=jnp.ones(4))
+
+
+def test_bucket_accuracy_and_count_on_a_hand_built_batch():
+    batch = hand_built_batch()
+    # Predictions: right at (0,0); (1,0) right, (1,1) wrong; (2,1),(2,2) right, (2,3) wrong;
+    # (3,0) wrong, (3,1) wrong.
+    predictions = jnp.array([[1, 0, 0, 0], [5, 0, 0, 0], [0, 10, 11, 0], [0, 0, 0, 0]])
+    logits = jax.nn.one_hot(predictions, 258) * 5.0
+    process = make_process(sampling="iid", batch_size=4)
+    zero = {"w": jnp.zeros(3)}
+    metrics = aggregation.to_host_scalars(
+        research.research_metrics(logits, batch, process, jnp.array([0.1, 0.2, 0.3, 0.4]), [zero] * 3))
+    assert metrics["research/low_corruption_accuracy"] == pytest.approx(1.0)
+    assert metrics["research/medium_corruption_accuracy"] == pytest.approx(3 / 5)
+    assert metrics["research/high_corruption_accuracy"] == pytest.approx(0.0)
+    assert [metrics[f"research/{b}_corruption_count"] for b in research.BUCKETS] == [1, 2, 1]
+    assert metrics["research/medium_corruption_loss"] == pytest.approx(0.5)
+    assert metrics["research/gradient_norm_ratio_high_to_low"] is None  # 0/0: undefined, not 0
+
+
+def test_empty_bucket_accuracy_is_missing_not_zero():
+    batch = hand_built_batch()
+    only_high = batch.replace(mask_rate_B=jnp.full(4, 0.9))
+    logits = jnp.zeros((4, 4, 258))
+    metrics = aggregation.to_host_scalars(research.research_metrics(
+        logits, only_high, make_process(sampling="iid", batch_size=4), jnp.zeros(4), [{"w": jnp.ones(2)}] * 3))
+    assert metrics["research/low_corruption_accuracy"] is None
+    assert metrics["research/medium_corruption_accuracy"] is None
+    assert metrics["research/low_corruption_count"] == 0
+    assert metrics["research/gradient_norm_ratio_high_to_low"] is None
+
+
+def corrupted_batch(process, seed=0):
+    data = random_batch(seed)
+    return corrupt(process, jax.random.key(seed), jnp.asarray(data["tokens"]), jnp.asarray(data["valid"]))
+
+
+def brute_force_bucket_grads(params, batch, process):
+    """∇ of each bucket's loss, each by its own jax.grad over a bucket-masked full-batch loss."""
+    graphdef = model_parts()[0]
+    num_valid = num_valid_tokens(batch)
+    buckets = research.bucket_index(batch.mask_rate_B, EDGES)
+
+    def bucket_loss(p, b):
+        rows, _ = row_losses(graphdef, p, batch, num_valid)
+        return jnp.where(buckets == b, rows, 0.0).sum()
+
+    return [jax.grad(bucket_loss)(params, b) for b in range(3)]
+
+
+def project_grads(process, batch):
+    graphdef, params = model_parts()
+    row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid_tokens(batch))
+    return research.bucket_gradients(row_loss_fn, params, batch, process)
+
+
+def assert_trees_close(a, b, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("sampling", ["stratified", "iid"])
+def test_bucket_gradients_equal_brute_force_and_sum_to_the_full_gradient(sampling):
+    process = make_process(sampling)
+    batch = corrupted_batch(process)
+    grads, rows, logits = project_grads(process, batch)
+    params = model_parts()[1]
+    for got, expected in zip(grads, brute_force_bucket_grads(params, batch, process)):
+        assert_trees_close(got, expected)
+        assert optax.global_norm(expected) > 0
+    graphdef = model_parts()[0]
+    full = jax.grad(lambda p: row_losses(graphdef, p, batch, num_valid_tokens(batch))[0].sum())(params)
+    assert_trees_close(jax.tree.map(lambda *g: sum(g), *grads), full)
+    # The norms differ from a split of the total by counts: each is its own gradient.
+    norms = np.array([float(optax.global_norm(g)) for g in grads])
+    counts = np.bincount(np.asarray(research.bucket_index(batch.mask_rate_B, EDGES)), minlength=3)
+    assert not np.allclose(norms / norms.sum(), counts / counts.sum(), rtol=0.05)
+
+
+@pytest.mark.parametrize("sampling", ["stratified", "iid"])
+def test_only_high_corruption_batch_has_zero_low_and_medium_gradients(sampling):
+    process = make_process(sampling, t_min=0.75)  # every t > 0.75, so every m > 0.7
+    batch = corrupted_batch(process, seed=1)
+    assert bool(jnp.all(batch.mask_rate_B > 0.7))
+    grads, rows, logits = project_grads(process, batch)
+    metrics = aggregation.to_host_scalars(research.research_metrics(logits, batch, process, rows, grads))
+    assert metrics["research/gradient_norm_low_corruption"] == 0.0
+    assert metrics["research/gradient_norm_medium_corruption"] == 0.0
+    assert metrics["research/gradient_norm_high_corruption"] == pytest.approx(
+        metrics["research/gradient_norm_total"], rel=1e-6)
+    assert metrics["research/gradient_norm_ratio_high_to_low"] is None
+    assert metrics["research/high_corruption_count"] == 8
+
+
+def test_pearson_matches_numpy_on_random_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 50))
+    y = 0.4 * x + rng.normal(size=(6, 50))
+    where = rng.random((6, 50)) < 0.6
+    expected = np.corrcoef(x[where], y[where])[0, 1]
+    assert float(research.pearson(jnp.asarray(x), jnp.asarray(y), jnp.asarray(where))) == pytest.approx(expected, rel=1e-5)
+    constant = research.pearson(jnp.ones((6, 50)), jnp.asarray(y), jnp.asarray(where))
+    assert bool(jnp.isnan(constant))  # undefined, reported as missing
+
+
+def test_weight_difficulty_statistics_match_numpy():
+    process = make_process()
+    batch = corrupted_batch(process, seed=2)
+    graphdef, params = model_parts()
+    _, logits = row_losses(graphdef, params, batch, num_valid_tokens(batch))
+    got = research.weight_difficulty_metrics(logits, batch)
+
+    masked = np.asarray(batch.masked_BxL)
+    weight = np.broadcast_to(np.asarray(batch.weight_B)[:, None], masked.shape)[masked]
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    difficulty = (1.0 - probs.max(axis=-1))[masked]
+    assert float(got["research/avg_loss_weight"]) == pytest.approx(weight.mean(), rel=1e-5)
+    assert float(got["research/weight_std"]) == pytest.approx(weight.std(), rel=1e-4)
+    assert float(got["research/avg_prediction_difficulty"]) == pytest.approx(difficulty.mean(), rel=1e-5)
+    assert float(got["research/weight_difficulty_correlation"]) == pytest.approx(
+        np.corrcoef(weight, difficulty)[0, 1], rel=1e-3, abs=1e-5)

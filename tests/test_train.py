@@ -1,0 +1,141 @@
+"""End to end: the CLI on configs/tiny.py, resume equivalence, and config errors."""
+
+import json
+import math
+import os
+import pathlib
+import runpy
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tdlm_jax import config as config_lib
+from tdlm_jax import train
+from tdlm_jax.errors import ConfigError
+from tdlm_jax.metrics.writers import read_jsonl, read_scalars
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.py")
+TIER1 = {
+    "train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second",
+    "metrics/mask_accuracy", "metrics/total_masked_tokens", "metrics/valid_ratio",
+    "val/loss", "val/perplexity", "val/bits_per_token", "val/mask_accuracy",
+    "summary/training_time_hours", "summary/total_steps", "summary/final_loss", "summary/best_val_loss",
+}
+TIER2 = {f"research/{b}_corruption_{what}" for b in ("low", "medium", "high")
+         for what in ("accuracy", "count", "loss")} | {
+    f"research/gradient_norm_{b}_corruption" for b in ("low", "medium", "high")} | {
+    "research/gradient_norm_total", "research/gradient_norm_ratio_high_to_low",
+    "research/weight_difficulty_correlation", "research/avg_loss_weight", "research/weight_std",
+    "research/avg_prediction_difficulty"}
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "tdlm_jax.main", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli(f"--config={TINY}", f"--workdir={workdir}", "--config.training.num_steps=6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_cli_writes_the_workdir(cli_run):
+    workdir, _ = cli_run
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= set(os.listdir(workdir))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    assert json.loads((workdir / "config.json").read_text())["training"]["num_steps"] == 6  # the override
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["summary/total_steps"] == 6
+    assert summary["summary/best_val_loss"] == min(r["val/loss"] for r in read_jsonl(workdir / "metrics.jsonl")
+                                                   if "val/loss" in r)
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [4, 6]
+
+
+def test_cli_logs_every_tier1_name_to_jsonl_and_tensorboard(cli_run):
+    workdir, _ = cli_run
+    rows = read_jsonl(workdir / "metrics.jsonl")
+    logged = set().union(*rows) - {"step"}
+    assert TIER1 <= logged
+    assert TIER1 <= set(read_scalars(str(workdir)))
+    assert sorted({r["step"] for r in rows if "train/loss" in r}) == [2, 4, 6]
+    for row in rows:
+        if "val/loss" in row:
+            assert row["val/perplexity"] == pytest.approx(math.exp(row["val/loss"]), rel=1e-12)
+            assert row["val/bits_per_token"] == pytest.approx(row["val/loss"] / math.log(2), rel=1e-12)
+
+
+def test_cli_logs_research_metrics_on_detailed_steps_only(cli_run):
+    workdir, _ = cli_run
+    rows = read_jsonl(workdir / "metrics.jsonl")
+    research_steps = {r["step"] for r in rows if any(k.startswith("research/") for k in r)}
+    assert research_steps == {4}  # detailed_metrics_steps = 4 in tiny.py; the run ends at 6
+    assert TIER2 == {k for r in rows for k in r if k.startswith("research/")}
+    events = read_scalars(str(workdir))
+    for name in TIER2:
+        assert [step for step, _ in events.get(name, [])] in ([4], []), name
+    # Only metrics that may be undefined can be missing from TensorBoard (skipped as None).
+    assert {n for n in TIER2 if n not in events} <= {n for n in TIER2 if n.endswith("accuracy") or "ratio" in n
+                                                    or "correlation" in n}
+
+
+def test_cli_rejects_bad_config_values_with_one_line(tmp_path):
+    for override, expected in [("--config.diffusion.schedule=sqrt", "diffusion.schedule='sqrt': must be one of linear"),
+                               ("--config.training.num_steps=0", "training.num_steps=0: must be a positive integer")]:
+        result = run_cli(f"--config={TINY}", f"--workdir={tmp_path / 'bad'}", override)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1].startswith("error: config error: " + expected.split(":")[0])
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def tiny_config(**overrides):
+    config = runpy.run_path(TINY)["get_config"]()
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"diffusion.schedule": "sqrt"}, "diffusion.schedule='sqrt': must be one of linear, cosine, polynomial, loglinear"),
+    ({"training.num_steps": 0}, "training.num_steps=0: must be a positive integer"),
+    ({"training.batch_size": 6}, "training.batch_size=6: does not divide over 4 devices: use a multiple of 4"),
+    ({"diffusion.loss_weighting": "snr"}, "diffusion.loss_weighting='snr': must be one of elbo, uniform, clipped"),
+    ({"metrics.bucket_edges": (0.0, 0.5, 1.0)}, "metrics.bucket_edges=(0.0, 0.5, 1.0): must be 4 increasing"),
+    ({"model.d_model": 30}, "model.d_model=30: must be a multiple of 2·model.num_heads (4)"),
+    ({"diffusion.t_min": 0.0}, "diffusion.t_min=0.0: must be in (0, 1)"),
+])
+def test_validate_names_the_key_and_what_is_allowed(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        config_lib.validate(tiny_config(**overrides), num_devices=jax.device_count())
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path):
+    """Interrupt after the step-4 checkpoint (drop checkpoint 8 and later rows), resume."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train.train(tiny_config(), str(full))
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "8")
+    kept = [json.dumps(r) for r in read_jsonl(resumed / "metrics.jsonl") if r["step"] <= 4]
+    (resumed / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    train.train(tiny_config(), str(resumed))
+
+    def after_step_4(workdir):
+        return [{k: v for k, v in r.items() if k not in ("train/tokens_per_second",) and not k.startswith("summary/")}
+                for r in read_jsonl(workdir / "metrics.jsonl") if r["step"] > 4]
+
+    expected, got = after_step_4(full), after_step_4(resumed)
+    assert len(expected) == len(got) > 0
+    for e, g in zip(expected, got):
+        assert e.keys() == g.keys()
+        for k in e:
+            assert g[k] == pytest.approx(e[k], rel=1e-6, abs=1e-7, nan_ok=True), k
