@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.weight_clip_max = 10.0  # the cap of 'clipped'
 
     config.training = ml_collections.ConfigDict()
-    config.training.num_steps = 1000
+    config.training.num_steps = 1200
     config.training.batch_size = 32  # global, split over all devices and hosts
     config.training.learning_rate = 2e-3
     config.training.warmup_steps = 100

@@ -80,7 +80,7 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
     metrics = {
         "train/loss": rows_B.sum(),
         "train/learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
-        "train/grad_norm": optax.global_norm(grads),
+        "train/grad_norm": optax.tree.norm(grads),
         **tier1_metrics(logits, batch),
     }
     if detailed:

@@ -47,8 +47,10 @@ def train_fn(num_devices: int, sampling: str = "stratified", t_min: float = 1e-3
 
 
 def fresh_state(mesh):
+    """A new state; copied, because the train step donates (and so deletes) its input."""
     optimizer, _ = optimizer_and_schedule()
-    return sharding.replicate(step_lib.init_state(model_parts()[1], optimizer, seed=0), mesh)
+    params = jax.tree.map(lambda x: x.copy(), model_parts()[1])
+    return sharding.replicate(step_lib.init_state(params, optimizer, seed=0), mesh)
 
 
 def random_batch(seed: int = 0, with_padding: bool = True) -> dict[str, np.ndarray]:

@@ -97,7 +97,7 @@ def research_metrics(logits_BxLxV: jax.Array, batch: Corrupted, process: Forward
     """All tier-2 metrics of one global batch; names as in the metrics guide."""
     buckets_B = row_buckets(process, batch)
     correct_BxL = correct_predictions(logits_BxLxV, batch)
-    norms = [optax.global_norm(g) for g in grads_by_bucket]
+    norms = [optax.tree.norm(g) for g in grads_by_bucket]
     total_grad = jax.tree.map(lambda *gs: sum(gs), *grads_by_bucket)
     out = {}
     for b, name in enumerate(BUCKETS):
@@ -108,7 +108,7 @@ def research_metrics(logits_BxLxV: jax.Array, batch: Corrupted, process: Forward
         out[f"research/{name}_corruption_count"] = in_bucket_B.sum().astype(jnp.float32)
         out[f"research/{name}_corruption_loss"] = jnp.where(in_bucket_B, row_losses_B, 0.0).sum()
         out[f"research/gradient_norm_{name}_corruption"] = norms[b]
-    out["research/gradient_norm_total"] = optax.global_norm(total_grad)
+    out["research/gradient_norm_total"] = optax.tree.norm(total_grad)
     low_is_empty = out["research/low_corruption_count"] == 0
     out["research/gradient_norm_ratio_high_to_low"] = jnp.where(
         low_is_empty, jnp.nan, safe_ratio(norms[-1], norms[0]))
