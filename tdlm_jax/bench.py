@@ -25,22 +25,28 @@ from tdlm_jax.data.tokenizer import get_tokenizer
 from tdlm_jax.model.transformer import Denoiser
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Config whose shapes to benchmark.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per repeat.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats per variant; the median is reported.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant and repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats per variant; the median is reported.")
 
 
-def time_per_step(fn, state, batch, steps: int, repeats: int) -> tuple[float, object]:
-    """Median seconds per step over `repeats` runs of `steps` steps, after a warm-up step."""
-    state = fn(state, batch["tokens"], batch["valid"])  # compile and warm up
+def time_variants(variants: dict, state, batch, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each variant.
+
+    All variants are compiled first, then timed round-robin, `steps` steps at a time, so
+    that drift in the machine's speed affects every variant alike.
+    """
+    for fn in variants.values():  # compile and warm up
+        state = fn(state, batch["tokens"], batch["valid"])
     jax.block_until_ready(state)
-    times = []
+    times = {name: [] for name in variants}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            state = fn(state, batch["tokens"], batch["valid"])
-        jax.block_until_ready(state)
-        times.append((time.perf_counter() - start) / steps)
-    return float(np.median(times)), state
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                state = fn(state, batch["tokens"], batch["valid"])
+            jax.block_until_ready(state)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main(argv: list[str]) -> None:
@@ -74,9 +80,7 @@ def main(argv: list[str]) -> None:
     batch = sharding.global_batch({"tokens": rng.integers(0, tok.text_vocab_size, shape).astype(np.int32),
                                    "valid": np.ones(shape, bool)}, mesh)
     state = sharding.replicate(step_lib.init_state(params, optimizer, config.seed), mesh)
-    seconds = {}
-    for name, fn in variants.items():
-        seconds[name], state = time_per_step(fn, state, batch, _STEPS.value, _REPEATS.value)
+    seconds = time_variants(variants, state, batch, _STEPS.value, _REPEATS.value)
     print(f"config: {config_flags.get_config_filename(flags.FLAGS['config'])}  batch {shape[0]} x {shape[1]}, "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s), time sampling "
           f"{config.diffusion.time_sampling}")
