@@ -21,9 +21,12 @@ import numpy as np
 from tdlm_jax.metrics.research import BUCKETS
 
 TIER1_NAMES = (
-    "train/loss", "train/learning_rate", "train/grad_norm",
+    "train/loss", "train/learning_rate", "train/grad_norm", "train/skipped_steps",
     "metrics/mask_accuracy", "metrics/total_masked_tokens", "metrics/valid_ratio",
 )
+
+# Running totals: an interval reports their latest value, not a mean.
+CUMULATIVE = frozenset(["train/skipped_steps"])
 
 UNDEFINED_WHEN_EMPTY = frozenset(
     ["metrics/mask_accuracy", "metrics/valid_ratio",
@@ -44,6 +47,9 @@ def accumulate(interval: dict, metrics: Mapping[str, jax.Array]) -> dict:
     out = {}
     for name, (total, count) in interval.items():
         value = metrics[name].astype(jnp.float32)
+        if name in CUMULATIVE:
+            out[name] = (value, jnp.ones((), jnp.float32))
+            continue
         skip = jnp.isnan(value) if name in UNDEFINED_WHEN_EMPTY else jnp.zeros((), bool)
         out[name] = (total + jnp.where(skip, 0.0, value), count + jnp.where(skip, 0.0, 1.0))
     return out
