@@ -57,4 +57,32 @@ def get_config() -> ml_collections.ConfigDict:
     config.metrics = ml_collections.ConfigDict()
     # Masking-rate edges of the low / medium / high corruption buckets.
     config.metrics.bucket_edges = (0.0, 0.3, 0.7, 1.0)
+
+    # Health monitor (tdlm_jax.metrics.health): the metrics guide's warning signs as alerts in
+    # alerts.jsonl. Defaults equal HealthThresholds and stay quiet on a healthy run of this config.
+    config.health = ml_collections.ConfigDict()
+    config.health.warmup_steps = 500  # accuracy, trend and correlation rules ignore earlier points
+    config.health.bucket_order_margin = 0.05  # high-corruption accuracy may exceed medium by this (noise)
+    config.health.mask_accuracy_floor = 0.4  # stagnation only counts below this mask accuracy
+    config.health.stagnation_window = 5  # logged mask-accuracy points to judge stagnation over
+    config.health.stagnation_min_improvement = 0.005  # absolute gain over the window that counts as learning
+    config.health.gradient_ratio_min = 0.1  # high/low corruption gradient norm ratio: healthy range
+    config.health.gradient_ratio_max = 10.0
+    config.health.high_gradient_norm_min = 0.01  # below: high-corruption gradients vanish
+    config.health.low_gradient_norm_max = 5.0  # above: low-corruption gradients explode
+    config.health.hidden_state_norm_min = 0.1  # mean L2 norm of the pre-norm residual stream (≈ √d at init)
+    config.health.hidden_state_norm_max = 1000.0
+    config.health.trend_window = 5  # tier-3 points that must be strictly decreasing to count as a trend
+    config.health.trend_min_drop = 0.25  # and the total relative drop over them
+    config.health.overfit_window = 4  # evaluations of rising val/loss and a widening val − train gap
+    config.health.loss_weight_min = 0.5  # research/avg_loss_weight: healthy range (≈ 2 for linear + elbo)
+    config.health.loss_weight_max = 10.0
+    # Healthy sign of research/weight_difficulty_correlation: 'negative' for ELBO weights (w(t) falls
+    # as masking grows, so the easiest tokens weigh most), 'positive', or 'any' to disable the rule.
+    config.health.expected_weight_difficulty_sign = "negative"
+    config.health.weight_difficulty_margin = 0.1  # how far past 0 the wrong sign may go before firing
+
+    config.logging = ml_collections.ConfigDict()
+    config.logging.wandb_project = ""  # a Weights & Biases project name enables the wandb writer
+    config.logging.wandb_entity = ""  # team or user; empty uses wandb's default
     return config

@@ -15,6 +15,7 @@ import ml_collections
 from tdlm_jax.diffusion.corruption import LOSS_WEIGHTINGS, TIME_SAMPLING, ForwardProcess
 from tdlm_jax.diffusion.schedules import SCHEDULES, Schedule
 from tdlm_jax.errors import ConfigError
+from tdlm_jax.metrics.health import thresholds_from_config
 from tdlm_jax.model.transformer import ModelConfig
 from tdlm_jax.optim import DECAY_SCHEDULES
 
@@ -94,6 +95,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     edges = _get(config, "metrics.bucket_edges")
     _require(_valid_edges(edges), "metrics.bucket_edges", edges,
              "must be 4 increasing numbers from 0 to 1 (low, medium, high buckets), e.g. (0.0, 0.3, 0.7, 1.0)")
+    thresholds_from_config(_get(config, "health"))  # raises ConfigError naming a bad health.* key
     for key in ("training.batch_size", "data.eval_batch_size"):
         size = _get(config, key)
         for count, what in ((num_devices, "devices"), (process_count, "processes")):

@@ -25,6 +25,7 @@ from tdlm_jax import sharding
 from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess, corrupt
 from tdlm_jax.diffusion.loss import correct_predictions, num_valid_tokens, weighted_token_losses
 from tdlm_jax.metrics import research
+from tdlm_jax.metrics.advanced import advanced_metrics
 from tdlm_jax.metrics.tier1 import tier1_metrics
 
 
@@ -34,11 +35,12 @@ class TrainState:
     params: Any  # nnx.State of the denoiser's parameters
     opt_state: Any
     rng: jax.Array  # uint32 raw key data of the run's base key
+    skipped_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+                      rng=jax.random.key_data(jax.random.key(seed)), skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def step_rng(state_rng: jax.Array, step: jax.Array) -> jax.Array:
@@ -74,13 +76,22 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
             return rows.sum(), (rows, logits)
         grads, (rows_B, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
 
+    loss, grad_norm = rows_B.sum(), optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient (a corrupt batch, an overflow) must not destroy the run:
+    # keep the old parameters and optimizer state, count the skip, and let the step (and so
+    # the data position and noise) move on. The NaN itself is still logged.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
+                              opt_state=keep_if_finite(opt_state, state.opt_state),
+                              skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32))
     metrics = {
-        "train/loss": rows_B.sum(),
+        "train/loss": loss,
         "train/learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
-        "train/grad_norm": optax.tree.norm(grads),
+        "train/grad_norm": grad_norm,
+        "train/skipped_steps": new_state.skipped_steps.astype(jnp.float32),
         **tier1_metrics(logits, batch),
     }
     if detailed:
@@ -113,3 +124,25 @@ def jit_train_step(mesh: Mesh, **static) -> Callable[..., tuple[TrainState, dict
 
 def jit_eval_step(mesh: Mesh, **static) -> Callable[..., dict]:
     return jax.jit(functools.partial(eval_step, **static), out_shardings=sharding.replicated(mesh))
+
+
+
+def analysis_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax.Array, *,
+                  graphdef: nnx.GraphDef, process: ForwardProcess) -> dict[str, jax.Array]:
+    """The tier-3 metrics of one batch: a forward pass that also returns the model's internals.
+
+    The batch is corrupted with `rng` exactly as `train_step` corrupts it, so passing the
+    step's key (`step_rng(state.rng, step)`) analyses the very inputs that step trained on.
+    Separate from the train step because the explicit attention it needs materializes every
+    layer's [B, heads, L, L] probabilities, which the ordinary step never pays for.
+    """
+    batch = corrupt(process, rng, tokens_BxL, valid_BxL)
+    model = nnx.merge(graphdef, params)
+    _, internals = model(batch.noisy_BxL, batch.valid_BxL, batch.t_B, return_internals=True)
+    hidden_BxLxD, probs_KxBxNxLxL = internals["hidden_BxLxD"], internals["attention_probs_KxBxNxLxL"]
+    return advanced_metrics(hidden_BxLxD, probs_KxBxNxLxL, batch.valid_BxL)
+
+
+def jit_analysis_step(mesh: Mesh, **static) -> Callable[..., dict]:
+    """`analysis_step` jitted; call as f(params, tokens, valid, rng). Metrics come back replicated."""
+    return jax.jit(functools.partial(analysis_step, **static), out_shardings=sharding.replicated(mesh))

@@ -3,7 +3,12 @@
 Everything the loop does to the device is asynchronous except on the steps that log: the
 tier-1 metrics are summed on the device, and a logging step's values are fetched only
 after the next step has been dispatched (as in MaxText), so the host never stalls the
-device. Throughput leaves out compilation, evaluation and checkpointing time.
+device. Throughput leaves out compilation, evaluation, analysis and checkpointing time.
+
+Metric tiers: tier 1 every `training.logging_steps` (interval means), tier 2 from the
+detailed variant of the step every `training.detailed_metrics_steps`, tier 3 from a
+separate analysis pass every `training.attention_analysis_steps`, validation every
+`training.eval_every_n_steps`. Every logged row also goes through the health monitor.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from tdlm_jax import config as config_lib
 from tdlm_jax import optim
 from tdlm_jax import step as step_lib
 from tdlm_jax.data import pipeline, sources, tokenizer as tokenizer_lib
-from tdlm_jax.metrics import aggregation, writers
+from tdlm_jax.metrics import aggregation, health, writers
 from tdlm_jax.model.transformer import Denoiser
 
 
@@ -71,27 +76,82 @@ def evaluate(eval_fn: Callable, params: Any, batches: list[dict], rng: jax.Array
             "val/mask_accuracy": accuracy}
 
 
-def _every(step: int, period: int, last: int) -> bool:
-    return step % period == 0 or step == last
+@dataclasses.dataclass
+class Run:
+    """Everything built at start-up, before the first step."""
+
+    mesh: Any
+    data: Data
+    state: step_lib.TrainState
+    train_fn: Callable
+    eval_fn: Callable
+    analysis_fn: Callable
+    eval_rng: jax.Array
+    checkpointer: checkpoint.Checkpointer
+    start_step: int
 
 
-class _PendingWrites:
-    """Rows whose device values are fetched one step late, after the next step is dispatched."""
+def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Validates the config, builds data, model and steps, and restores the latest checkpoint."""
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    mesh = sharding.make_mesh()
+    tok = tokenizer_lib.get_tokenizer(config.data.tokenizer)
+    data = build_data(config, tok, mesh)
+    tc = config.training
 
-    def __init__(self, writer: writers.MetricWriter, tokens_per_step: int):
-        self.writer = writer
-        self.tokens_per_step = tokens_per_step
-        self.rows: list[tuple[int, dict, bool]] = []
-        self.last_time = time.perf_counter()
-        self.last_step: int | None = None
-        self.excluded_seconds = 0.0
+    model_cfg = config_lib.model_config(config, vocab_size=tok.vocab_size, num_predictable=tok.text_vocab_size)
+    graphdef, params = nnx.split(Denoiser(model_cfg, nnx.Rngs(config.seed)))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    logging.info("denoiser: %s parameters on %d device(s)", f"{num_params:,}", jax.device_count())
+    lr_schedule = optim.learning_rate_schedule(tc.learning_rate, tc.num_steps, tc.warmup_steps,
+                                               tc.decay_schedule, tc.min_learning_rate_ratio)
+    optimizer = optim.make_optimizer(lr_schedule, weight_decay=tc.weight_decay, b1=tc.adam_b1,
+                                     b2=tc.adam_b2, grad_clip_norm=tc.grad_clip_norm)
+    state = sharding.replicate(step_lib.init_state(params, optimizer, config.seed), mesh)
+
+    process = config_lib.forward_process(config, tok.mask_id)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                           max_to_keep=tc.max_checkpoints_to_keep)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state = checkpointer.restore(start_step, abstract, data.train_iterator)
+        logging.info("resumed from %s at step %d", checkpointer.step_directory(start_step), start_step)
+    return Run(
+        mesh=mesh, data=data, state=state,
+        train_fn=step_lib.jit_train_step(mesh, graphdef=graphdef, process=process, optimizer=optimizer,
+                                         lr_schedule=lr_schedule),
+        eval_fn=step_lib.jit_eval_step(mesh, graphdef=graphdef,
+                                       process=process.for_evaluation(config.data.eval_batch_size)),
+        analysis_fn=step_lib.jit_analysis_step(mesh, graphdef=graphdef, process=process),
+        eval_rng=jax.random.fold_in(jax.random.key(config.seed), 0x5EED),
+        checkpointer=checkpointer, start_step=start_step)
+
+
+class MetricLog:
+    """Writes metric rows, passes each through the health monitor, and measures throughput.
+
+    Rows whose values are still on the device are deferred: `flush` fetches them, which the
+    loop calls right after dispatching the next step so the fetch overlaps its compute.
+    """
+
+    def __init__(self, writer: writers.MetricWriter, monitor: health.HealthMonitor, tokens_per_step: int,
+                 start_step: int):
+        self.writer, self.monitor, self.tokens_per_step = writer, monitor, tokens_per_step
+        self.deferred: list[tuple[int, dict, bool]] = []
+        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.excluded_seconds = 0.0  # compilation, evaluation, analysis, checkpointing
         self.last_train_loss: float | None = None
 
-    def add(self, step: int, device_values: dict, is_interval: bool) -> None:
-        self.rows.append((step, device_values, is_interval))
+    def write(self, step: int, row: dict[str, float | None]) -> None:
+        self.writer.write_scalars(step, row)
+        self.monitor.observe(step, row)
+
+    def defer(self, step: int, device_values: dict, is_interval: bool) -> None:
+        self.deferred.append((step, device_values, is_interval))
 
     def flush(self) -> None:
-        for step, device_values, is_interval in self.rows:
+        for step, device_values, is_interval in self.deferred:
             fetched = jax.device_get(device_values)
             if is_interval:
                 row = aggregation.interval_means(fetched)
@@ -99,11 +159,11 @@ class _PendingWrites:
                 self.last_train_loss = row["train/loss"]
             else:
                 row = aggregation.to_host_scalars(fetched)
-            self.writer.write_scalars(step, row)
-        self.rows.clear()
+            self.write(step, row)
+        self.deferred.clear()
 
-    def start(self, step: int) -> None:
-        self.last_step, self.last_time = step, time.perf_counter()
+    def exclude(self, seconds: float) -> None:
+        self.excluded_seconds += seconds
 
     def _throughput(self, step: int) -> float | None:
         now = time.perf_counter()
@@ -113,103 +173,108 @@ class _PendingWrites:
         return steps * self.tokens_per_step / seconds if seconds > 0 and steps > 0 else None
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir` and returns its summary."""
-    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    wall_start = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh()
-    tok = tokenizer_lib.get_tokenizer(config.data.tokenizer)
-    data = build_data(config, tok, mesh)
-    tc = config.training
-
-    model = Denoiser(config_lib.model_config(config, vocab_size=tok.vocab_size,
-                                             num_predictable=tok.text_vocab_size), nnx.Rngs(config.seed))
-    graphdef, params = nnx.split(model)
-    lr_schedule = optim.learning_rate_schedule(tc.learning_rate, tc.num_steps, tc.warmup_steps,
-                                               tc.decay_schedule, tc.min_learning_rate_ratio)
-    optimizer = optim.make_optimizer(lr_schedule, weight_decay=tc.weight_decay, b1=tc.adam_b1,
-                                     b2=tc.adam_b2, grad_clip_norm=tc.grad_clip_norm)
-    state = sharding.replicate(step_lib.init_state(params, optimizer, config.seed), mesh)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    logging.info("denoiser: %s parameters on %d device(s)", f"{num_params:,}", jax.device_count())
-
-    process = config_lib.forward_process(config, tok.mask_id)
-    train_fn = step_lib.jit_train_step(mesh, graphdef=graphdef, process=process, optimizer=optimizer,
-                                       lr_schedule=lr_schedule)
-    eval_fn = step_lib.jit_eval_step(mesh, graphdef=graphdef,
-                                     process=process.for_evaluation(config.data.eval_batch_size))
-    eval_rng = jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
-
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.max_checkpoints_to_keep)
-    start_step = ckpt.latest_step() or 0
-    if start_step:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = ckpt.restore(start_step, abstract, data.train_iterator)
-        logging.info("resumed from %s at step %d", ckpt.step_directory(start_step), start_step)
-
-    writer = writers.create_default_writer(workdir)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    writer.write_hparams(config.to_dict())
-
-    best_val = _best_logged_val_loss(workdir, start_step)
-    pending = _PendingWrites(writer, tc.batch_size * config.data.seq_len)
-    interval = aggregation.empty_interval()
-    aggregation.accumulate(interval, {k: jnp.zeros(()) for k in aggregation.TIER1_NAMES})  # compile now
-    compiled: set[bool] = set()
-    pending.start(start_step)
-    step = start_step
-    for step in range(start_step + 1, tc.num_steps + 1):
-        batch = sharding.global_batch(next(data.train_iterator), mesh)
-        detailed = step % tc.detailed_metrics_steps == 0
-        if detailed not in compiled:  # a first call compiles: keep it out of the throughput
-            tic = _synced_time(state)
-            state, metrics = train_fn(state, batch["tokens"], batch["valid"], detailed=detailed)
-            pending.excluded_seconds += _synced_time(state) - tic
-            compiled.add(detailed)
-        else:
-            state, metrics = train_fn(state, batch["tokens"], batch["valid"], detailed=detailed)
-        pending.flush()  # the previous step's rows: their fetch overlaps this step's compute
-        interval = aggregation.accumulate(interval, {k: metrics[k] for k in aggregation.TIER1_NAMES})
-        if _every(step, tc.logging_steps, tc.num_steps):
-            pending.add(step, interval, is_interval=True)
-            interval = aggregation.empty_interval()
-        if detailed:
-            pending.add(step, {k: v for k, v in metrics.items() if k.startswith("research/")}, is_interval=False)
-        if _every(step, tc.eval_every_n_steps, tc.num_steps):
-            pending.flush()
-            tic = _synced_time(state)
-            val = evaluate(eval_fn, state.params, data.eval_batches, eval_rng)
-            writer.write_scalars(step, val)
-            best_val = min(best_val, val["val/loss"])
-            pending.excluded_seconds += time.perf_counter() - tic
-        if _every(step, tc.checkpoint_every_n_steps, tc.num_steps):
-            tic = _synced_time(state)
-            ckpt.save(step, state, data.train_iterator)
-            pending.excluded_seconds += time.perf_counter() - tic
-    pending.flush()
-    ckpt.close()
-
-    summary = {
-        "summary/training_time_hours": (time.time() - wall_start) / 3600.0,
-        "summary/total_steps": float(step),
-        "summary/final_loss": pending.last_train_loss,
-        "summary/best_val_loss": best_val if math.isfinite(best_val) else None,
-    }
-    writer.write_scalars(step, summary)
-    writer.close()
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+def _every(step: int, period: int, last: int) -> bool:
+    return step % period == 0 or step == last
 
 
 def _synced_time(state: step_lib.TrainState) -> float:
     """The time once the device has finished all work queued so far."""
     jax.block_until_ready(state.step)
     return time.perf_counter()
+
+
+def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_val: float
+             ) -> tuple[step_lib.TrainState, float]:
+    """Steps from the restored step to `training.num_steps`; returns the state and best val/loss."""
+    tc = config.training
+    state = run.state
+    interval = aggregation.empty_interval()
+    aggregation.accumulate(interval, {k: jnp.zeros(()) for k in aggregation.TIER1_NAMES})  # compile now
+    compiled: set[bool] = set()
+    for step in range(run.start_step + 1, tc.num_steps + 1):
+        batch = sharding.global_batch(next(run.data.train_iterator), run.mesh)
+        if step % tc.attention_analysis_steps == 0:  # tier 3: the very inputs this step trains on
+            tic = _synced_time(state)
+            rng = step_lib.step_rng(state.rng, state.step)
+            log.defer(step, run.analysis_fn(state.params, batch["tokens"], batch["valid"], rng), False)
+            log.exclude(_synced_time(state) - tic)
+        detailed = step % tc.detailed_metrics_steps == 0
+        tic = _synced_time(state) if detailed not in compiled else None  # a first call compiles
+        state, metrics = run.train_fn(state, batch["tokens"], batch["valid"], detailed=detailed)
+        if tic is not None:
+            log.exclude(_synced_time(state) - tic)
+            compiled.add(detailed)
+        log.flush()  # earlier rows: their fetch overlaps this step's compute
+        interval = aggregation.accumulate(interval, {k: metrics[k] for k in aggregation.TIER1_NAMES})
+        if _every(step, tc.logging_steps, tc.num_steps):
+            log.defer(step, interval, True)
+            interval = aggregation.empty_interval()
+        if detailed:
+            log.defer(step, {k: v for k, v in metrics.items() if k.startswith("research/")}, False)
+        if _every(step, tc.eval_every_n_steps, tc.num_steps):
+            log.flush()
+            tic = _synced_time(state)
+            val = evaluate(run.eval_fn, state.params, run.data.eval_batches, run.eval_rng)
+            log.write(step, val)
+            best_val = min(best_val, val["val/loss"])
+            log.exclude(time.perf_counter() - tic)
+        if _every(step, tc.checkpoint_every_n_steps, tc.num_steps):
+            tic = _synced_time(state)
+            run.checkpointer.save(step, state, run.data.train_iterator)
+            log.exclude(time.perf_counter() - tic)
+        run.state = state  # what an interruption may save
+    log.flush()
+    return state, best_val
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | None]:
+    """Trains (or resumes) the run in `workdir` and returns its summary."""
+    wall_start = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    run = build_run(config, workdir)
+    primary = jax.process_index() == 0
+    writer = writers.create_default_writer(workdir, wandb_project=config.logging.wandb_project,
+                                           wandb_entity=config.logging.wandb_entity, config=config.to_dict())
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    writer.write_hparams(config.to_dict())
+    monitor = health.HealthMonitor(health.thresholds_from_config(config.health), writer,
+                                   os.path.join(workdir, "alerts.jsonl") if primary else None)
+    log = MetricLog(writer, monitor, config.training.batch_size * config.data.seq_len, run.start_step)
+    try:
+        state, best_val = run_loop(config, run, log, _best_logged_val_loss(workdir, run.start_step))
+    except KeyboardInterrupt:
+        _save_on_interrupt(run)
+        raise
+    finally:
+        run.checkpointer.close()
+
+    summary = {
+        "summary/training_time_hours": (time.time() - wall_start) / 3600.0,
+        "summary/total_steps": float(int(state.step)),
+        "summary/final_loss": log.last_train_loss,
+        "summary/best_val_loss": best_val if math.isfinite(best_val) else None,
+        **monitor.summary_scalars(),
+    }
+    writer.write_scalars(int(state.step), summary)
+    writer.close()
+    if primary:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _save_on_interrupt(run: Run) -> None:
+    """Ctrl-C: keep the work since the last checkpoint, if the last completed state is intact."""
+    state = run.state
+    if state.step.is_deleted():  # interrupted inside a step, after its input was donated
+        logging.warning("interrupted during a step; resume from checkpoint %s", run.checkpointer.latest_step())
+        return
+    step = int(state.step)
+    if step > (run.checkpointer.latest_step() or 0):
+        run.checkpointer.save(step, state, run.data.train_iterator)
+    logging.warning("interrupted at step %d; checkpoint saved, run the same command to resume", step)
 
 
 def _best_logged_val_loss(workdir: str, up_to_step: int) -> float:

@@ -63,3 +63,22 @@ def test_consecutive_steps_draw_different_noise_and_the_loss_falls():
         masked.append(float(metrics["metrics/total_masked_tokens"]))
     assert len(set(masked)) > 1  # the mask is redrawn every step
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+
+
+def test_non_finite_batch_skips_the_update_and_counts_it():
+    """A corrupt batch (an id outside the vocabulary embeds as NaN) must not touch the state."""
+    mesh, fn = train_fn(1)
+    corrupt_tokens = random_batch()
+    corrupt_tokens["tokens"][0, 0] = 10_000
+    bad = sharding.global_batch(corrupt_tokens, mesh)
+    good = sharding.global_batch(random_batch(seed=2), mesh)
+    state = fresh_state(mesh)
+    before = jax.device_get(state)
+    state, metrics = fn(state, bad["tokens"], bad["valid"], detailed=False)
+    assert not np.isfinite(float(metrics["train/loss"]))
+    assert float(metrics["train/skipped_steps"]) == 1 and int(state.step) == 1
+    assert_trees_close(jax.device_get(state.params), before.params, rtol=0, atol=0)
+    assert_trees_close(jax.device_get(state.opt_state), before.opt_state, rtol=0, atol=0)
+    state, metrics = fn(state, good["tokens"], good["valid"], detailed=False)
+    assert np.isfinite(float(metrics["train/loss"])) and float(metrics["train/skipped_steps"]) == 1
+    assert not np.allclose(jax.device_get(state.params)["head"]["kernel"][...], before.params["head"]["kernel"][...])

@@ -1,5 +1,6 @@
 """End to end: the CLI on configs/tiny.py, resume equivalence, and config errors."""
 
+import itertools
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import jax
 import pytest
 
 from tdlm_jax import config as config_lib
+from tdlm_jax import sharding
 from tdlm_jax import train
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.metrics.writers import read_jsonl, read_scalars
@@ -139,3 +141,30 @@ def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path):
         assert e.keys() == g.keys()
         for k in e:
             assert g[k] == pytest.approx(e[k], rel=1e-6, abs=1e-7, nan_ok=True), k
+
+
+def test_a_nan_batch_is_skipped_alerted_and_training_goes_on(tmp_path, monkeypatch):
+    """Poison the third training batch: the run finishes, counts the skip, and raises the alert."""
+    config = tiny_config()
+    real_global_batch, calls = sharding.global_batch, itertools.count(1)
+    poisoned_call = config.data.num_eval_batches + 3  # validation batches are placed first
+
+    def poisoned(local_batch, mesh):
+        if next(calls) == poisoned_call:
+            local_batch = {**local_batch, "tokens": local_batch["tokens"].copy()}
+            local_batch["tokens"][0, 0] = 10_000  # outside the vocabulary: embeds as NaN
+        return real_global_batch(local_batch, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", poisoned)
+    summary = train.train(config, str(tmp_path))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    skipped = {r["step"]: r["train/skipped_steps"] for r in rows if "train/skipped_steps" in r}
+    assert skipped == {2: 0, 4: 1, 6: 1, 8: 1}
+    # The poisoned row's NaN always reaches the gradient; it reaches the loss only if that row
+    # happens to have masked tokens.
+    grad_norm = {r["step"]: r["train/grad_norm"] for r in rows if "train/grad_norm" in r}
+    assert math.isnan(grad_norm[4]) and math.isfinite(grad_norm[6]) and math.isfinite(grad_norm[8])
+    alerts = [(a["step"], a["event"]) for a in read_jsonl(tmp_path / "alerts.jsonl")
+              if a["rule"] == "non_finite_training"]
+    assert alerts == [(4, "start"), (6, "clear")]
+    assert summary["alerts/starts/non_finite_training"] == 1

@@ -301,18 +301,44 @@ class NullWriter(MetricWriter):
         pass
 
 
-def create_default_writer(workdir: str, *, is_primary: bool | None = None) -> MetricWriter:
+def create_default_writer(
+    workdir: str,
+    *,
+    is_primary: bool | None = None,
+    wandb_project: str = "",
+    wandb_entity: str = "",
+    config: Mapping[str, Any] | None = None,
+) -> MetricWriter:
     """TensorBoard at `workdir` + `workdir/metrics.jsonl` + console on process 0.
 
     Other processes get a `NullWriter`, since every process sees the same (all-reduced)
     metrics and only one copy should land on disk. `is_primary` overrides the check.
+
+    A non-empty `wandb_project` adds a `WandbWriter` (run name: the workdir's basename;
+    wandb files and the persisted run id under `workdir`) whose run config is `config`.
+    `wandb_entity` "" uses wandb's default entity.
     """
     if is_primary is None:
         is_primary = jax.process_index() == 0
     if not is_primary:
         return NullWriter()
+    wandb_writers: list[MetricWriter] = []
+    if wandb_project:
+        # Imported here: wandb_writer imports this module, and runs without wandb should
+        # not load it at all. Created first, so that a missing wandb or a failed login
+        # raises before any other writer has opened a file.
+        from tdlm_jax.metrics.wandb_writer import WandbWriter  # pylint: disable=import-outside-toplevel
+
+        wandb_writers.append(WandbWriter(
+            project=wandb_project,
+            entity=wandb_entity or None,
+            run_name=os.path.basename(os.path.normpath(os.path.abspath(workdir))),
+            config=config if config is not None else {},
+            directory=workdir,
+        ))
     return MultiWriter([
         TensorBoardWriter(workdir),
         JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
         ConsoleWriter(),
+        *wandb_writers,
     ])

@@ -4,6 +4,11 @@ RoPE, RMSNorm and SwiGLU, as in LLaDA. Parameters are float32; `dtype` sets the 
 dtype (bfloat16 for speed), and logits are always returned in float32. Attention is
 bidirectional and never attends to padding keys.
 
+For the tier-3 (advanced) metrics the denoiser can also return its internals
+(`return_internals=True`): the final hidden states and every layer's attention
+probabilities. That path computes attention explicitly, with the same arithmetic as the
+fused `jax.nn.dot_product_attention`, so it changes what is returned, not the logits.
+
 The [MASK] and [PAD] ids are never predicted: their logits are −inf (MDLM's SUBS
 parameterization), so the model's distribution is over the `num_predictable` text ids only.
 """
@@ -63,6 +68,25 @@ def _linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, scale: floa
                       param_dtype=jnp.float32, rngs=rngs)
 
 
+def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array,
+                       valid_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Bidirectional attention over valid keys, written out so the probabilities are visible.
+
+    Mirrors the XLA path of `jax.nn.dot_product_attention`: float32 scores q·kᵀ/√head_dim,
+    padding keys set to a large negative *finite* value (not −inf, so that a row with no
+    valid key is uniform rather than NaN, as in the fused path), softmax in float32, and
+    probs cast to the value dtype for probs·v. Returns (output [B, L, N, H], probs
+    float32[B, N, queries, keys]).
+    """
+    scores_BxNxLxL = jnp.einsum("bqnh,bknh->bnqk", q_BxLxNxH, k_BxLxNxH, preferred_element_type=jnp.float32)
+    scores_BxNxLxL = scores_BxNxLxL * jnp.float32(1.0 / math.sqrt(q_BxLxNxH.shape[-1]))
+    large_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
+    scores_BxNxLxL = jnp.where(valid_BxL[:, None, None, :], scores_BxNxLxL, large_negative)
+    probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1)
+    out_BxLxNxH = jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxL.astype(v_BxLxNxH.dtype), v_BxLxNxH)
+    return out_BxLxNxH, probs_BxNxLxL
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -70,12 +94,21 @@ class Attention(nnx.Module):
         # Residual-branch outputs start small so that deep stacks begin near identity.
         self.out = _linear(cfg.d_model, cfg.d_model, cfg, rngs, scale=1.0 / (2 * cfg.num_layers))
 
-    def __call__(self, x_BxLxD: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, valid_BxL: jax.Array, *, return_probs: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """The attention output [B, L, D]; with `return_probs`, also float32 probs [B, N, L, L].
+
+        Only the `return_probs` path materializes the [B, N, L, L] probabilities; training
+        keeps the fused kernel, which may never build them.
+        """
         batch, length, _ = x_BxLxD.shape
         cfg = self.cfg
         qkv = self.qkv(x_BxLxD).reshape(batch, length, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = rotary_embedding(q, cfg.rope_base), rotary_embedding(k, cfg.rope_base)
+        if return_probs:
+            out_BxLxNxH, probs_BxNxLxL = explicit_attention(q, k, v, valid_BxL)
+            return self.out(out_BxLxNxH.reshape(batch, length, cfg.d_model)), probs_BxNxLxL
         key_mask = valid_BxL[:, None, None, :]  # [B, heads, queries, keys], broadcast
         out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
         return self.out(out_BxLxNxH.reshape(batch, length, cfg.d_model))
@@ -98,9 +131,16 @@ class Block(nnx.Module):
         self.mlp_norm = nnx.RMSNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x: jax.Array, valid_BxL: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), valid_BxL)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, valid_BxL: jax.Array, *, return_probs: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """The block's output; with `return_probs`, also its attention probs [B, N, L, L]."""
+        if return_probs:
+            attn_out, probs_BxNxLxL = self.attn(self.attn_norm(x), valid_BxL, return_probs=True)
+        else:
+            attn_out = self.attn(self.attn_norm(x), valid_BxL)
+        x = x + attn_out
+        x = x + self.mlp(self.mlp_norm(x))
+        return (x, probs_BxNxLxL) if return_probs else x
 
 
 class Denoiser(nnx.Module):
@@ -115,13 +155,36 @@ class Denoiser(nnx.Module):
         self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.head = _linear(cfg.d_model, cfg.vocab_size, cfg, rngs)
 
-    def __call__(self, noisy_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array | None = None) -> jax.Array:
-        """Returns float32 logits [B, L, vocab_size], −inf at ids that are never predicted."""
+    def __call__(self, noisy_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array | None = None, *,
+                 return_internals: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns float32 logits [B, L, vocab_size], −inf at ids that are never predicted.
+
+        With `return_internals`, returns (logits, internals), where internals holds
+        - "hidden_BxLxD": the residual stream after the last block, *before* the final
+          RMSNorm, float32. Pre-norm, because the norm rescales every position to RMS ≈ 1
+          (times a learned gain), which would hide exactly the growth and collapse of
+          the representations that the advanced metrics are meant to show.
+        - "attention_probs_KxBxNxLxL": every layer's attention probabilities, float32
+          [layers, B, heads, queries, keys]; padding keys get probability 0.
+        The logits are the same as without internals (up to float rounding).
+        """
         x = self.embed(noisy_BxL)
         if self.time_proj is not None:
             x = x + self.time_proj(timestep_embedding(t_B, self.cfg.d_model).astype(x.dtype))[:, None, :]
+        probs_by_layer = []
         for block in self.blocks:
-            x = block(x, valid_BxL)
+            if return_internals:
+                x, probs_BxNxLxL = block(x, valid_BxL, return_probs=True)
+                probs_by_layer.append(probs_BxNxLxL)
+            else:
+                x = block(x, valid_BxL)
         logits = self.head(self.final_norm(x)).astype(jnp.float32)
         predictable_V = jnp.arange(self.cfg.vocab_size) < self.cfg.num_predictable
-        return jnp.where(predictable_V, logits, -jnp.inf)
+        logits = jnp.where(predictable_V, logits, -jnp.inf)
+        if not return_internals:
+            return logits
+        internals = {
+            "hidden_BxLxD": x.astype(jnp.float32),
+            "attention_probs_KxBxNxLxL": jnp.stack(probs_by_layer),
+        }
+        return logits, internals

@@ -1,0 +1,108 @@
+"""Tier-3 (advanced) metrics: statistics of the denoiser's final hidden states and of its
+attention distributions. Computed every `training.attention_analysis_steps` by a separate
+jitted forward pass (`tdlm_jax.step.analysis_step`), never inside the train step.
+
+Padding is masked out everywhere: only valid positions count, as positions, as queries and
+as keys, so whatever the model computes at padding cannot move a metric. A metric with
+nothing to average over (no valid position in the batch) is missing (NaN), never 0.
+
+- `advanced/attention_entropy_proxy`: the variance of the final hidden states across
+  positions (per sequence and feature, the population variance over the sequence's valid
+  positions), averaged over features, then over sequences with at least one valid
+  position. A cheap proxy: when attention is near uniform, positions mix into nearly the
+  same vector and this variance collapses towards 0.
+- `advanced/sequence_diversity`: the same with the standard deviation instead of the
+  variance (the square root is taken per feature, before averaging).
+- `advanced/hidden_state_norm`: the mean L2 norm of the final hidden state, pooled over all
+  valid positions of the batch.
+- `advanced/attention_entropy`: the mean entropy (nats) of the attention distributions,
+  pooled over layers, heads and valid query positions of all sequences;
+  H = −Σ_k p_k log p_k over valid keys k, with 0·log 0 = 0.
+- `advanced/attention_entropy/layer_{i}`: the same for layer i alone (0-based). Every layer
+  has the same number of valid queries, so the overall mean is the mean of these.
+
+"Final hidden states" are the residual stream after the last block, before the final
+RMSNorm (see `Denoiser.__call__`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tdlm_jax.metrics.tier1 import safe_ratio
+
+
+def per_sequence_variance(hidden_BxLxD: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """Population variance over each sequence's valid positions, per feature: float32[B, D].
+
+    NaN for a sequence without valid positions.
+    """
+    hidden_BxLxD = hidden_BxLxD.astype(jnp.float32)
+    valid_BxLx1 = valid_BxL[:, :, None]
+    count_Bx1 = valid_BxL.sum(axis=-1, keepdims=True)
+    # `where` before any arithmetic, so that garbage (even inf/NaN) at padding never leaks in.
+    mean_BxD = safe_ratio(jnp.where(valid_BxLx1, hidden_BxLxD, 0.0).sum(axis=1), count_Bx1)
+    centered_BxLxD = jnp.where(valid_BxLx1, hidden_BxLxD - mean_BxD[:, None, :], 0.0)
+    return safe_ratio((centered_BxLxD ** 2).sum(axis=1), count_Bx1)
+
+
+def mean_over_sequences(value_B: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """The mean of a per-sequence value over sequences with at least one valid position."""
+    has_valid_B = valid_BxL.any(axis=-1)
+    return safe_ratio(jnp.where(has_valid_B, value_B, 0.0).sum(), has_valid_B.sum())
+
+
+def attention_entropy_proxy(hidden_BxLxD: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """Hidden-state variance across valid positions, averaged over features and sequences."""
+    return mean_over_sequences(per_sequence_variance(hidden_BxLxD, valid_BxL).mean(axis=-1), valid_BxL)
+
+
+def sequence_diversity(hidden_BxLxD: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """Hidden-state standard deviation across valid positions, averaged over features and sequences."""
+    std_BxD = jnp.sqrt(per_sequence_variance(hidden_BxLxD, valid_BxL))
+    return mean_over_sequences(std_BxD.mean(axis=-1), valid_BxL)
+
+
+def hidden_state_norm(hidden_BxLxD: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """Mean L2 norm over the feature axis, pooled over all valid positions of the batch."""
+    hidden_BxLxD = jnp.where(valid_BxL[:, :, None], hidden_BxLxD.astype(jnp.float32), 0.0)
+    norm_BxL = jnp.sqrt((hidden_BxLxD ** 2).sum(axis=-1))
+    return safe_ratio(norm_BxL.sum(), valid_BxL.sum())
+
+
+def attention_entropies(probs_KxBxNxLxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """Entropy (nats) of each attention row over the valid keys: float32[K, B, N, L].
+
+    Padding keys are left out of the sum; they hold probability 0 in the model anyway.
+    """
+    probs_KxBxNxLxL = probs_KxBxNxLxL.astype(jnp.float32)
+    counted = valid_BxL[None, :, None, None, :] & (probs_KxBxNxLxL > 0)
+    # log of 1 where p is not counted: keeps 0·log 0 (and garbage) from producing NaN.
+    p_log_p = probs_KxBxNxLxL * jnp.log(jnp.where(counted, probs_KxBxNxLxL, 1.0))
+    return -jnp.where(counted, p_log_p, 0.0).sum(axis=-1)
+
+
+def attention_entropy_by_layer(probs_KxBxNxLxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """Mean attention entropy of each layer over heads and valid queries: float32[K]."""
+    entropy_KxBxNxL = attention_entropies(probs_KxBxNxLxL, valid_BxL)
+    valid_query_1xBx1xL = valid_BxL[None, :, None, :]
+    num_heads = probs_KxBxNxLxL.shape[2]
+    total_K = jnp.where(valid_query_1xBx1xL, entropy_KxBxNxL, 0.0).sum(axis=(1, 2, 3))
+    return safe_ratio(total_K, num_heads * valid_BxL.sum())
+
+
+def advanced_metrics(hidden_BxLxD: jax.Array, attention_probs_KxBxNxLxL: jax.Array, valid_BxL: jax.Array
+                     ) -> dict[str, jax.Array]:
+    """All tier-3 metrics of one batch as float32 scalars; names as in the metrics guide."""
+    by_layer_K = attention_entropy_by_layer(attention_probs_KxBxNxLxL, valid_BxL)
+    out = {
+        "advanced/attention_entropy_proxy": attention_entropy_proxy(hidden_BxLxD, valid_BxL),
+        "advanced/hidden_state_norm": hidden_state_norm(hidden_BxLxD, valid_BxL),
+        "advanced/sequence_diversity": sequence_diversity(hidden_BxLxD, valid_BxL),
+        # Each layer has the same valid queries and heads, so the pooled mean is the mean of layers.
+        "advanced/attention_entropy": by_layer_K.mean(),
+    }
+    for layer in range(by_layer_K.shape[0]):
+        out[f"advanced/attention_entropy/layer_{layer}"] = by_layer_K[layer]
+    return {name: value.astype(jnp.float32) for name, value in out.items()}
