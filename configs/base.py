@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_eval_batches = 8  # fixed validation batches, the same at every eval
 
     config.model = ml_collections.ConfigDict()
+    config.model.kind = "diffusion"  # 'diffusion', or 'ar' for the autoregressive baseline
     config.model.d_model = 128
     config.model.num_heads = 4
     config.model.num_layers = 4

@@ -18,6 +18,7 @@ from tdlm_jax.errors import ConfigError
 from tdlm_jax.metrics.health import thresholds_from_config
 from tdlm_jax.model.transformer import ModelConfig
 from tdlm_jax.optim import DECAY_SCHEDULES
+from tdlm_jax.step import OBJECTIVES
 
 TOKENIZERS = ("byte",)
 DTYPES = ("float32", "bfloat16")
@@ -30,6 +31,7 @@ POSITIVE_INTS = (
     "training.max_checkpoints_to_keep",
 )
 CHOICES = {
+    "model.kind": OBJECTIVES,
     "data.tokenizer": TOKENIZERS,
     "model.dtype": DTYPES,
     "diffusion.schedule": SCHEDULES,
@@ -131,4 +133,4 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int, num_pred
     m = config.model
     return ModelConfig(vocab_size=vocab_size, num_predictable=num_predictable, d_model=m.d_model,
                        num_heads=m.num_heads, num_layers=m.num_layers, mlp_dim=m.mlp_dim, dtype=m.dtype,
-                       time_conditioning=bool(m.time_conditioning))
+                       time_conditioning=bool(m.time_conditioning), causal=m.kind == "ar")

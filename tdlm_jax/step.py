@@ -21,7 +21,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from tdlm_jax import sharding
+from tdlm_jax import autoregressive, sharding
 from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess, corrupt
 from tdlm_jax.diffusion.loss import correct_predictions, num_valid_tokens, weighted_token_losses
 from tdlm_jax.metrics import research
@@ -60,21 +60,30 @@ def row_losses(graphdef: nnx.GraphDef, params: Any, batch: Corrupted, num_valid:
     return weighted_token_losses(logits_BxLxV, batch).sum(axis=-1) / num_valid, logits_BxLxV
 
 
+OBJECTIVES = ("diffusion", "ar")
+
+
 def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *, graphdef: nnx.GraphDef,
                process: ForwardProcess, optimizer: optax.GradientTransformation,
-               lr_schedule: Callable[[jax.Array], jax.Array], detailed: bool) -> tuple[TrainState, dict]:
-    """One optimizer update on a global batch; returns the new state and a dict of device scalars."""
-    batch = corrupt(process, step_rng(state.rng, state.step), tokens_BxL, valid_BxL)
-    row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid_tokens(batch))
+               lr_schedule: Callable[[jax.Array], jax.Array], detailed: bool,
+               objective: str = "diffusion") -> tuple[TrainState, dict]:
+    """One optimizer update on a global batch; returns the new state and a dict of device scalars.
 
-    if detailed:
+    `objective` 'ar' trains the autoregressive baseline (`tdlm_jax.autoregressive`); it has
+    no corruption, so the diffusion metrics and the `detailed` variant do not apply to it.
+    """
+    if objective == "ar":
+        loss_of = lambda p: autoregressive.row_losses(graphdef, p, tokens_BxL, valid_BxL, process.mask_id)
+    else:
+        batch = corrupt(process, step_rng(state.rng, state.step), tokens_BxL, valid_BxL)
+        row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid_tokens(batch))
+        loss_of = lambda p: row_loss_fn(p, batch)
+
+    if detailed and objective == "diffusion":
         grads_by_bucket, rows_B, logits = research.bucket_gradients(row_loss_fn, state.params, batch, process)
         grads = jax.tree.map(lambda *gs: sum(gs), *grads_by_bucket)
     else:
-        def loss_fn(params):
-            rows, logits = row_loss_fn(params, batch)
-            return rows.sum(), (rows, logits)
-        grads, (rows_B, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads, (rows_B, logits) = jax.grad(lambda p: research.summed(loss_of(p)), has_aux=True)(state.params)
 
     loss, grad_norm = rows_B.sum(), optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -92,19 +101,27 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
         "train/learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
         "train/grad_norm": grad_norm,
         "train/skipped_steps": new_state.skipped_steps.astype(jnp.float32),
-        **tier1_metrics(logits, batch),
     }
-    if detailed:
-        metrics.update(research.research_metrics(logits, batch, process, rows_B, grads_by_bucket))
+    if objective == "diffusion":
+        metrics.update(tier1_metrics(logits, batch))
+        if detailed:
+            metrics.update(research.research_metrics(logits, batch, process, rows_B, grads_by_bucket))
     return new_state, metrics
 
 
 def eval_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax.Array, *,
-              graphdef: nnx.GraphDef, process: ForwardProcess) -> dict[str, jax.Array]:
+              graphdef: nnx.GraphDef, process: ForwardProcess, objective: str = "diffusion") -> dict[str, jax.Array]:
     """Sums over one validation batch, to be pooled over all batches by the caller.
 
-    `process` must use exact ELBO weights (`ForwardProcess.for_evaluation`).
+    For diffusion, `process` must use exact ELBO weights (`ForwardProcess.for_evaluation`)
+    and `nelbo_sum` is the NELBO's numerator; for 'ar' it is the exact NLL's.
     """
+    if objective == "ar":
+        rows_B, _ = autoregressive.row_losses(graphdef, params, tokens_BxL, valid_BxL, process.mask_id)
+        num_valid = valid_BxL.sum().astype(jnp.float32)
+        zero = jnp.zeros((), jnp.float32)
+        return {"nelbo_sum": rows_B.sum() * jnp.maximum(num_valid, 1.0), "valid_tokens": num_valid,
+                "masked_tokens": zero, "correct_tokens": zero}
     batch = corrupt(process, rng, tokens_BxL, valid_BxL)
     logits = nnx.merge(graphdef, params)(batch.noisy_BxL, batch.valid_BxL, batch.t_B)
     return {

@@ -71,9 +71,22 @@ def evaluate(eval_fn: Callable, params: Any, batches: list[dict], rng: jax.Array
     sums = [eval_fn(params, b["tokens"], b["valid"], jax.random.fold_in(rng, i)) for i, b in enumerate(batches)]
     total = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in sums[0]}
     loss = total["nelbo_sum"] / max(total["valid_tokens"], 1.0)
-    accuracy = total["correct_tokens"] / total["masked_tokens"] if total["masked_tokens"] else None
-    return {"val/loss": loss, "val/perplexity": math.exp(loss), "val/bits_per_token": loss / math.log(2),
-            "val/mask_accuracy": accuracy}
+    row = {"val/loss": loss, "val/perplexity": math.exp(loss), "val/bits_per_token": loss / math.log(2)}
+    if total["masked_tokens"]:  # the autoregressive baseline masks nothing
+        row["val/mask_accuracy"] = total["correct_tokens"] / total["masked_tokens"]
+    return row
+
+
+def build_model_and_optimizer(config: ml_collections.ConfigDict, tok: tokenizer_lib.ByteTokenizer):
+    """(graphdef, initial params, optimizer, learning-rate schedule) as the config defines them."""
+    model_cfg = config_lib.model_config(config, vocab_size=tok.vocab_size, num_predictable=tok.text_vocab_size)
+    graphdef, params = nnx.split(Denoiser(model_cfg, nnx.Rngs(config.seed)))
+    tc = config.training
+    lr_schedule = optim.learning_rate_schedule(tc.learning_rate, tc.num_steps, tc.warmup_steps,
+                                               tc.decay_schedule, tc.min_learning_rate_ratio)
+    optimizer = optim.make_optimizer(lr_schedule, weight_decay=tc.weight_decay, b1=tc.adam_b1,
+                                     b2=tc.adam_b2, grad_clip_norm=tc.grad_clip_norm)
+    return graphdef, params, optimizer, lr_schedule
 
 
 @dataclasses.dataclass
@@ -89,6 +102,7 @@ class Run:
     eval_rng: jax.Array
     checkpointer: checkpoint.Checkpointer
     start_step: int
+    is_diffusion: bool  # False for the autoregressive baseline: no tier-2/3 metrics
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -98,18 +112,13 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     tok = tokenizer_lib.get_tokenizer(config.data.tokenizer)
     data = build_data(config, tok, mesh)
     tc = config.training
-
-    model_cfg = config_lib.model_config(config, vocab_size=tok.vocab_size, num_predictable=tok.text_vocab_size)
-    graphdef, params = nnx.split(Denoiser(model_cfg, nnx.Rngs(config.seed)))
+    graphdef, params, optimizer, lr_schedule = build_model_and_optimizer(config, tok)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     logging.info("denoiser: %s parameters on %d device(s)", f"{num_params:,}", jax.device_count())
-    lr_schedule = optim.learning_rate_schedule(tc.learning_rate, tc.num_steps, tc.warmup_steps,
-                                               tc.decay_schedule, tc.min_learning_rate_ratio)
-    optimizer = optim.make_optimizer(lr_schedule, weight_decay=tc.weight_decay, b1=tc.adam_b1,
-                                     b2=tc.adam_b2, grad_clip_norm=tc.grad_clip_norm)
     state = sharding.replicate(step_lib.init_state(params, optimizer, config.seed), mesh)
 
     process = config_lib.forward_process(config, tok.mask_id)
+    objective = config.model.kind
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                            max_to_keep=tc.max_checkpoints_to_keep)
     start_step = checkpointer.latest_step() or 0
@@ -120,12 +129,12 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     return Run(
         mesh=mesh, data=data, state=state,
         train_fn=step_lib.jit_train_step(mesh, graphdef=graphdef, process=process, optimizer=optimizer,
-                                         lr_schedule=lr_schedule),
-        eval_fn=step_lib.jit_eval_step(mesh, graphdef=graphdef,
+                                         lr_schedule=lr_schedule, objective=objective),
+        eval_fn=step_lib.jit_eval_step(mesh, graphdef=graphdef, objective=objective,
                                        process=process.for_evaluation(config.data.eval_batch_size)),
         analysis_fn=step_lib.jit_analysis_step(mesh, graphdef=graphdef, process=process),
         eval_rng=jax.random.fold_in(jax.random.key(config.seed), 0x5EED),
-        checkpointer=checkpointer, start_step=start_step)
+        checkpointer=checkpointer, start_step=start_step, is_diffusion=objective == "diffusion")
 
 
 class MetricLog:
@@ -188,27 +197,28 @@ def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_v
     """Steps from the restored step to `training.num_steps`; returns the state and best val/loss."""
     tc = config.training
     state = run.state
-    interval = aggregation.empty_interval()
-    aggregation.accumulate(interval, {k: jnp.zeros(()) for k in aggregation.TIER1_NAMES})  # compile now
+    names = aggregation.TIER1_NAMES if run.is_diffusion else aggregation.TRAIN_NAMES
+    interval = aggregation.empty_interval(names)
+    aggregation.accumulate(interval, {k: jnp.zeros(()) for k in names})  # compile now
     compiled: set[bool] = set()
     for step in range(run.start_step + 1, tc.num_steps + 1):
         batch = sharding.global_batch(next(run.data.train_iterator), run.mesh)
-        if step % tc.attention_analysis_steps == 0:  # tier 3: the very inputs this step trains on
+        if run.is_diffusion and step % tc.attention_analysis_steps == 0:  # tier 3, on this step's inputs
             tic = _synced_time(state)
             rng = step_lib.step_rng(state.rng, state.step)
             log.defer(step, run.analysis_fn(state.params, batch["tokens"], batch["valid"], rng), False)
             log.exclude(_synced_time(state) - tic)
-        detailed = step % tc.detailed_metrics_steps == 0
+        detailed = run.is_diffusion and step % tc.detailed_metrics_steps == 0
         tic = _synced_time(state) if detailed not in compiled else None  # a first call compiles
         state, metrics = run.train_fn(state, batch["tokens"], batch["valid"], detailed=detailed)
         if tic is not None:
             log.exclude(_synced_time(state) - tic)
             compiled.add(detailed)
         log.flush()  # earlier rows: their fetch overlaps this step's compute
-        interval = aggregation.accumulate(interval, {k: metrics[k] for k in aggregation.TIER1_NAMES})
+        interval = aggregation.accumulate(interval, {k: metrics[k] for k in names})
         if _every(step, tc.logging_steps, tc.num_steps):
             log.defer(step, interval, True)
-            interval = aggregation.empty_interval()
+            interval = aggregation.empty_interval(names)
         if detailed:
             log.defer(step, {k: v for k, v in metrics.items() if k.startswith("research/")}, False)
         if _every(step, tc.eval_every_n_steps, tc.num_steps):

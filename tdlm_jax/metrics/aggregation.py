@@ -20,10 +20,8 @@ import numpy as np
 
 from tdlm_jax.metrics.research import BUCKETS
 
-TIER1_NAMES = (
-    "train/loss", "train/learning_rate", "train/grad_norm", "train/skipped_steps",
-    "metrics/mask_accuracy", "metrics/total_masked_tokens", "metrics/valid_ratio",
-)
+TRAIN_NAMES = ("train/loss", "train/learning_rate", "train/grad_norm", "train/skipped_steps")
+TIER1_NAMES = TRAIN_NAMES + ("metrics/mask_accuracy", "metrics/total_masked_tokens", "metrics/valid_ratio")
 
 # Running totals: an interval reports their latest value, not a mean.
 CUMULATIVE = frozenset(["train/skipped_steps"])
@@ -37,8 +35,8 @@ UNDEFINED_WHEN_EMPTY = frozenset(
 )
 
 
-def empty_interval() -> dict[str, tuple[jax.Array, jax.Array]]:
-    return {name: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for name in TIER1_NAMES}
+def empty_interval(names=TIER1_NAMES) -> dict[str, tuple[jax.Array, jax.Array]]:
+    return {name: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for name in names}
 
 
 @jax.jit

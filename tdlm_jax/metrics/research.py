@@ -66,7 +66,7 @@ def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, proc
                 grads.append(jax.tree.map(jnp.zeros_like, params))
                 continue
             sub_batch = batch.rows(start, stop)
-            bucket_loss = lambda p: _summed(row_loss_fn(p, sub_batch))
+            bucket_loss = lambda p: summed(row_loss_fn(p, sub_batch))
             grad_b, (rows_b, logits_b) = jax.grad(bucket_loss, has_aux=True)(params)
             grads.append(grad_b)
             row_losses.append(rows_b)
@@ -79,7 +79,8 @@ def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, proc
     return grads, rows_B, logits
 
 
-def _summed(rows_and_logits: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def summed(rows_and_logits: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(Σ rows, (rows, logits)): a row-loss function's output in the form jax.grad(has_aux) takes."""
     rows, logits = rows_and_logits
     return rows.sum(), (rows, logits)
 

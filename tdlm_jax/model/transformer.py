@@ -36,6 +36,7 @@ class ModelConfig:
     dtype: str = "float32"
     time_conditioning: bool = False
     rope_base: float = 10_000.0
+    causal: bool = False  # True for the autoregressive baseline
 
     @property
     def head_dim(self) -> int:
@@ -68,9 +69,19 @@ def _linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, scale: floa
                       param_dtype=jnp.float32, rngs=rngs)
 
 
+def attention_mask(valid_BxL: jax.Array, causal: bool) -> jax.Array:
+    """Which keys each query may attend to, bool [B, 1, 1 or queries, keys]: valid keys, and
+    for the autoregressive baseline only keys at or before the query."""
+    mask = valid_BxL[:, None, None, :]
+    if causal:
+        length = valid_BxL.shape[1]
+        mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+    return mask
+
+
 def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array,
-                       valid_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Bidirectional attention over valid keys, written out so the probabilities are visible.
+                       mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention over the keys `mask` allows, written out so the probabilities are visible.
 
     Mirrors the XLA path of `jax.nn.dot_product_attention`: float32 scores q·kᵀ/√head_dim,
     padding keys set to a large negative *finite* value (not −inf, so that a row with no
@@ -81,7 +92,7 @@ def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: ja
     scores_BxNxLxL = jnp.einsum("bqnh,bknh->bnqk", q_BxLxNxH, k_BxLxNxH, preferred_element_type=jnp.float32)
     scores_BxNxLxL = scores_BxNxLxL * jnp.float32(1.0 / math.sqrt(q_BxLxNxH.shape[-1]))
     large_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
-    scores_BxNxLxL = jnp.where(valid_BxL[:, None, None, :], scores_BxNxLxL, large_negative)
+    scores_BxNxLxL = jnp.where(mask, scores_BxNxLxL, large_negative)
     probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1)
     out_BxLxNxH = jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxL.astype(v_BxLxNxH.dtype), v_BxLxNxH)
     return out_BxLxNxH, probs_BxNxLxL
@@ -106,11 +117,11 @@ class Attention(nnx.Module):
         qkv = self.qkv(x_BxLxD).reshape(batch, length, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = rotary_embedding(q, cfg.rope_base), rotary_embedding(k, cfg.rope_base)
+        mask = attention_mask(valid_BxL, cfg.causal)
         if return_probs:
-            out_BxLxNxH, probs_BxNxLxL = explicit_attention(q, k, v, valid_BxL)
+            out_BxLxNxH, probs_BxNxLxL = explicit_attention(q, k, v, mask)
             return self.out(out_BxLxNxH.reshape(batch, length, cfg.d_model)), probs_BxNxLxL
-        key_mask = valid_BxL[:, None, None, :]  # [B, heads, queries, keys], broadcast
-        out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+        out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask)
         return self.out(out_BxLxNxH.reshape(batch, length, cfg.d_model))
 
 

@@ -1,0 +1,51 @@
+"""The autoregressive baseline's objective: next-token prediction with the same transformer.
+
+The model reads the sequence shifted right by one with [MASK] as the start token (an id the
+data never contains) under a causal mask, and predicts every valid token from the ones
+before it, the first included. Its loss is the exact NLL per valid token, so it compares
+directly with the diffusion NELBO per token: same data, tokenizer, batch and denoiser; only
+the objective differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tdlm_jax.diffusion.loss import token_cross_entropy
+
+
+def shift_right(x_BxL: jax.Array, first: Any) -> jax.Array:
+    """[first, x_0, ..., x_{L-2}]: position i sees what precedes token i."""
+    return jnp.concatenate([jnp.full_like(x_BxL[:, :1], first), x_BxL[:, :-1]], axis=1)
+
+
+def next_token_logits(model: Callable, tokens_BxL: jax.Array, valid_BxL: jax.Array, start_id: int) -> jax.Array:
+    """Logits whose position i predicts token i, from tokens < i."""
+    return model(shift_right(tokens_BxL, start_id), shift_right(valid_BxL, True), None)
+
+
+def row_losses(graphdef: nnx.GraphDef, params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array,
+               start_id: int) -> tuple[jax.Array, jax.Array]:
+    """Each row's NLL, summed over its valid tokens and divided by the batch's valid tokens."""
+    logits = next_token_logits(nnx.merge(graphdef, params), tokens_BxL, valid_BxL, start_id)
+    ce_BxL = token_cross_entropy(logits, jnp.where(valid_BxL, tokens_BxL, 0))
+    num_valid = jnp.maximum(valid_BxL.sum(), 1).astype(jnp.float32)
+    return jnp.where(valid_BxL, ce_BxL, 0.0).sum(axis=-1) / num_valid, logits
+
+
+def nll_float64(logits_BxLxV: np.ndarray, tokens_BxL: np.ndarray, valid_BxL: np.ndarray) -> np.ndarray:
+    """Per-sequence NLL (nats) in float64 on the host, from float32 logits.
+
+    Generative perplexity is a small difference of large sums over many tokens; float32
+    log-softmax and summation visibly bias it (a known reproduction problem), float64 not.
+    """
+    logits = np.asarray(logits_BxLxV, np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, np.asarray(tokens_BxL)[..., None], axis=-1)[..., 0]
+    return -np.where(valid_BxL, picked, 0.0).sum(axis=-1)
