@@ -15,14 +15,13 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
 from tdlm_jax import config as config_lib
-from tdlm_jax import optim, sharding
+from tdlm_jax import sharding
 from tdlm_jax import step as step_lib
 from tdlm_jax.data.tokenizer import get_tokenizer
-from tdlm_jax.model.transformer import Denoiser
+from tdlm_jax.train import build_model_and_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Config whose shapes to benchmark.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant and repeat.")
@@ -55,14 +54,8 @@ def main(argv: list[str]) -> None:
     config_lib.validate(config, num_devices=jax.device_count())
     mesh = sharding.make_mesh()
     tok = get_tokenizer(config.data.tokenizer)
-    model = Denoiser(config_lib.model_config(config, vocab_size=tok.vocab_size,
-                                             num_predictable=tok.text_vocab_size), nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    graphdef, params, optimizer, schedule = build_model_and_optimizer(config, tok)
     tc = config.training
-    schedule = optim.learning_rate_schedule(tc.learning_rate, tc.num_steps, tc.warmup_steps,
-                                            tc.decay_schedule, tc.min_learning_rate_ratio)
-    optimizer = optim.make_optimizer(schedule, weight_decay=tc.weight_decay, b1=tc.adam_b1, b2=tc.adam_b2,
-                                     grad_clip_norm=tc.grad_clip_norm)
     process = config_lib.forward_process(config, tok.mask_id)
     step = step_lib.jit_train_step(mesh, graphdef=graphdef, process=process, optimizer=optimizer,
                                    lr_schedule=schedule)
