@@ -55,6 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.checkpoint_every_n_steps = 500
     config.training.max_checkpoints_to_keep = 3
 
+    # Samples written to the writers as text at every evaluation (0 samples turns it off).
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.num_samples_at_eval = 2
+    config.sampling.steps = 64
+    config.sampling.method = "ancestral"  # 'ancestral', 'confidence' or 'random_remask'
+    config.sampling.prompt = "ROMEO:"
+
     config.metrics = ml_collections.ConfigDict()
     # Masking-rate edges of the low / medium / high corruption buckets.
     config.metrics.bucket_edges = (0.0, 0.3, 0.7, 1.0)
@@ -67,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.health.mask_accuracy_floor = 0.4  # stagnation only counts below this mask accuracy
     config.health.stagnation_window = 5  # logged mask-accuracy points to judge stagnation over
     config.health.stagnation_min_improvement = 0.005  # absolute gain over the window that counts as learning
+    config.health.gradient_window = 3  # research logs whose median the gradient rules judge (one batch is noisy)
     config.health.gradient_ratio_min = 0.1  # high/low corruption gradient norm ratio: healthy range
     config.health.gradient_ratio_max = 10.0
     config.health.high_gradient_norm_min = 0.01  # below: high-corruption gradients vanish

@@ -24,4 +24,6 @@ def get_config():
     config.training.attention_analysis_steps = 8
     config.training.eval_every_n_steps = 4
     config.training.checkpoint_every_n_steps = 4
+    config.sampling.num_samples_at_eval = 1
+    config.sampling.steps = 4
     return config

@@ -15,6 +15,7 @@ import ml_collections
 from tdlm_jax.diffusion.corruption import LOSS_WEIGHTINGS, TIME_SAMPLING, ForwardProcess
 from tdlm_jax.diffusion.schedules import SCHEDULES, Schedule
 from tdlm_jax.errors import ConfigError
+from tdlm_jax.generation import SAMPLERS
 from tdlm_jax.metrics.health import thresholds_from_config
 from tdlm_jax.model.transformer import ModelConfig
 from tdlm_jax.optim import DECAY_SCHEDULES
@@ -28,7 +29,7 @@ POSITIVE_INTS = (
     "training.num_steps", "training.batch_size", "training.logging_steps",
     "training.detailed_metrics_steps", "training.attention_analysis_steps",
     "training.eval_every_n_steps", "training.checkpoint_every_n_steps",
-    "training.max_checkpoints_to_keep",
+    "training.max_checkpoints_to_keep", "sampling.steps",
 )
 CHOICES = {
     "model.kind": OBJECTIVES,
@@ -38,6 +39,7 @@ CHOICES = {
     "diffusion.time_sampling": TIME_SAMPLING,
     "diffusion.loss_weighting": LOSS_WEIGHTINGS,
     "training.decay_schedule": DECAY_SCHEDULES,
+    "sampling.method": tuple(SAMPLERS),
 }
 
 
@@ -97,6 +99,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     edges = _get(config, "metrics.bucket_edges")
     _require(_valid_edges(edges), "metrics.bucket_edges", edges,
              "must be 4 increasing numbers from 0 to 1 (low, medium, high buckets), e.g. (0.0, 0.3, 0.7, 1.0)")
+    count = _get(config, "sampling.num_samples_at_eval")
+    _require(isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= _get(config, "data.eval_batch_size"),
+             "sampling.num_samples_at_eval", count, "must be an integer from 0 (off) to data.eval_batch_size")
+    prompt = _get(config, "sampling.prompt")
+    _require(isinstance(prompt, str) and len(prompt.encode()) < _get(config, "data.seq_len"), "sampling.prompt",
+             prompt, "must be a string shorter than data.seq_len bytes")
     thresholds_from_config(_get(config, "health"))  # raises ConfigError naming a bad health.* key
     for key in ("training.batch_size", "data.eval_batch_size"):
         size = _get(config, key)

@@ -27,13 +27,14 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from tdlm_jax import checkpoint, sharding
+from tdlm_jax import checkpoint, generation, sharding
 from tdlm_jax import config as config_lib
 from tdlm_jax import optim
 from tdlm_jax import step as step_lib
 from tdlm_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 from tdlm_jax.metrics import aggregation, health, writers
 from tdlm_jax.model.transformer import Denoiser
+from tdlm_jax.workdir import TrainedModel
 
 
 @dataclasses.dataclass
@@ -94,6 +95,8 @@ class Run:
     """Everything built at start-up, before the first step."""
 
     mesh: Any
+    tokenizer: tokenizer_lib.ByteTokenizer
+    graphdef: Any
     data: Data
     state: step_lib.TrainState
     train_fn: Callable
@@ -127,7 +130,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         state = checkpointer.restore(start_step, abstract, data.train_iterator)
         logging.info("resumed from %s at step %d", checkpointer.step_directory(start_step), start_step)
     return Run(
-        mesh=mesh, data=data, state=state,
+        mesh=mesh, tokenizer=tok, graphdef=graphdef, data=data, state=state,
         train_fn=step_lib.jit_train_step(mesh, graphdef=graphdef, process=process, optimizer=optimizer,
                                          lr_schedule=lr_schedule, objective=objective),
         eval_fn=step_lib.jit_eval_step(mesh, graphdef=graphdef, objective=objective,
@@ -182,6 +185,15 @@ class MetricLog:
         return steps * self.tokens_per_step / seconds if seconds > 0 and steps > 0 else None
 
 
+def eval_samples(config: ml_collections.ConfigDict, run: Run, params: Any, step: int) -> dict[str, str]:
+    """A few samples from the current parameters, with a fixed seed so evals are comparable."""
+    sc = config.sampling
+    trained = TrainedModel(config=config, tokenizer=run.tokenizer, graphdef=run.graphdef, params=params, step=step)
+    texts, _ = generation.sample_texts(trained, num_samples=sc.num_samples_at_eval, steps=sc.steps,
+                                       method=sc.method, prompt=sc.prompt, seed=config.seed)
+    return {f"samples/{i}": text for i, text in enumerate(texts)}
+
+
 def _every(step: int, period: int, last: int) -> bool:
     return step % period == 0 or step == last
 
@@ -227,6 +239,8 @@ def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_v
             val = evaluate(run.eval_fn, state.params, run.data.eval_batches, run.eval_rng)
             log.write(step, val)
             best_val = min(best_val, val["val/loss"])
+            if run.is_diffusion and config.sampling.num_samples_at_eval:
+                log.writer.write_texts(step, eval_samples(config, run, state.params, step))
             log.exclude(time.perf_counter() - tic)
         if _every(step, tc.checkpoint_every_n_steps, tc.num_steps):
             tic = _synced_time(state)

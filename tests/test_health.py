@@ -18,6 +18,7 @@ from tdlm_jax.metrics import health, writers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEALTHY_RUN = ROOT / "tests" / "data" / "healthy_base_run.jsonl"  # 1000 steps of configs/base.py
+HEALTHY_RUN_ALL_TIERS = ROOT / "tests" / "data" / "healthy_base_run_all_tiers.jsonl"
 
 Row = tuple[int, dict[str, Any]]
 
@@ -254,6 +255,18 @@ def test_healthy_base_run_raises_no_alert():
     assert len(rows) == 22 and rows[-1][0] == 1000
     monitor, alerts = replay(rows)
     assert alerts == [] and monitor.active() == []
+
+
+def test_healthy_run_with_every_tier_raises_no_alert():
+    """base.py with tier 2 every 100 and tier 3 every 200 steps, 1200 steps. Its step-1100
+    research row has a one-batch low-bucket gradient spike (ratio 0.073): the median window
+    must absorb it, while a single-point reading would have fired."""
+    rows = [(row.pop("step"), row) for row in writers.read_jsonl(str(HEALTHY_RUN_ALL_TIERS))]
+    assert any("advanced/attention_entropy" in row for _, row in rows)
+    monitor, alerts = replay(rows)
+    assert alerts == [] and monitor.active() == []
+    single_batch = dataclasses.replace(health.HealthThresholds(), gradient_window=1)
+    assert started(rows, single_batch) == {"gradient_ratio_extreme"}
 
 
 def test_guide_literal_thresholds_would_fire_on_the_healthy_run():

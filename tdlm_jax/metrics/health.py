@@ -65,6 +65,10 @@ class HealthThresholds:
     mask_accuracy_floor: float = 0.4
     stagnation_window: int = 5  # logged mask-accuracy points
     stagnation_min_improvement: float = 0.005  # absolute gain over the window
+    # The gradient rules judge the median of this many research logs: one batch's bucket
+    # gradient is noisy, since an exact ELBO weight reaches 1/t_min (a healthy base run showed
+    # a single low-bucket spike to 2.2, ratio 0.07, between ratios of 0.37 and 0.20).
+    gradient_window: int = 3
     gradient_ratio_min: float = 0.1
     gradient_ratio_max: float = 10.0
     high_gradient_norm_min: float = 0.01
@@ -126,6 +130,7 @@ _CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("mask_accuracy_floor", lambda v: _is_finite(v) and 0 <= v <= 1, "must be in [0, 1]"),
     ("stagnation_window", _window, "must be an integer >= 2"),
     ("stagnation_min_improvement", _non_negative, "must be a number >= 0"),
+    ("gradient_window", lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
     ("gradient_ratio_min", _positive, "must be positive"),
     ("gradient_ratio_max", _positive, "must be positive"),
     ("high_gradient_norm_min", _positive, "must be positive"),
@@ -210,7 +215,8 @@ class HealthMonitor:
         self._writer = writer
         self._alerts_path = alerts_path
         self._rules = list(health_rules.default_rules() if rules is None else rules)
-        depth = max(thresholds.stagnation_window, thresholds.trend_window, thresholds.overfit_window)
+        depth = max(thresholds.stagnation_window, thresholds.trend_window, thresholds.overfit_window,
+                    thresholds.gradient_window)
         self._history = History(maxlen=depth)
         self._active: set[str] = set()
         self._counts = {rule.name: 0 for rule in self._rules}

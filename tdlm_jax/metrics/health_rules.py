@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -162,18 +163,29 @@ def check_mask_accuracy_stagnation(row: Mapping[str, float], history: History, t
                  f"the last {th.stagnation_window} points (needs >= {th.stagnation_min_improvement})")
 
 
-def range_rule(name: str, metric: str, low: str | None, high: str | None, meaning: str) -> Rule:
-    """Fires while `metric` is outside [thresholds.<low>, thresholds.<high>] (None: unbounded)."""
+def range_rule(name: str, metric: str, low: str | None, high: str | None, meaning: str,
+               median_window: str | None = None) -> Rule:
+    """Fires while `metric` is outside [thresholds.<low>, thresholds.<high>] (None: unbounded).
+
+    With `median_window`, the value judged is the median of the last thresholds.<median_window>
+    logged points (as many as exist so far), so one noisy batch cannot raise the alert;
+    a non-finite latest value still fires at once.
+    """
 
     def check(row: Mapping[str, float], history: History, th: HealthThresholds, step: int) -> Check | None:
         value = row.get(metric)
         if value is None:
             return None
+        judged, label = value, f"{metric}={_fmt(value)}"
+        if median_window is not None and math.isfinite(value):
+            n = getattr(th, median_window)
+            recent = next(history.values(metric, k) for k in range(n, 0, -1) if history.values(metric, k))
+            judged = statistics.median(recent)
+            label = f"median of the last {len(recent)} {metric}={_fmt(judged)} (latest {_fmt(value)})"
         lo = -math.inf if low is None else getattr(th, low)
         hi = math.inf if high is None else getattr(th, high)
         # Written as "not inside" so that NaN fires: a non-finite norm or weight is never healthy.
-        return Check(not lo <= value <= hi, {metric: value},
-                     f"{metric}={_fmt(value)} (healthy range [{_fmt(lo)}, {_fmt(hi)}])")
+        return Check(not lo <= judged <= hi, {metric: value}, f"{label} (healthy range [{_fmt(lo)}, {_fmt(hi)}])")
 
     return Rule(name, meaning, check)
 
@@ -256,12 +268,14 @@ def default_rules() -> list[Rule]:
              "stagnating below 40% indicates training issues or model capacity problems.",
              check_mask_accuracy_stagnation),
         range_rule("gradient_ratio_extreme", GRADIENT_RATIO, "gradient_ratio_min", "gradient_ratio_max",
-                   "Extreme gradient norm ratio (guide): severely imbalanced learning across corruption levels."),
+                   "Extreme gradient norm ratio (guide): severely imbalanced learning across corruption levels.",
+                   median_window="gradient_window"),
         range_rule("high_corruption_gradient_vanishing", HIGH_GRADIENT, "high_gradient_norm_min", None,
                    "Vanishing high-corruption gradients (guide): the model is not learning from heavily "
-                   "corrupted examples."),
+                   "corrupted examples.", median_window="gradient_window"),
         range_rule("low_corruption_gradient_exploding", LOW_GRADIENT, None, "low_gradient_norm_max",
-                   "Exploding low-corruption gradients (guide): the model is overfitting to easy infilling tasks."),
+                   "Exploding low-corruption gradients (guide): the model is overfitting to easy infilling tasks.",
+                   median_window="gradient_window"),
         range_rule("hidden_state_norm_out_of_range", HIDDEN_STATE_NORM, "hidden_state_norm_min",
                    "hidden_state_norm_max",
                    "Exploding or vanishing hidden state norms (guide): training instability."),

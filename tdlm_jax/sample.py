@@ -1,0 +1,70 @@
+"""Command line: `python -m tdlm_jax.sample --workdir=DIR [--sampler=confidence] [--prompt=TEXT] ...`.
+
+Restores the latest checkpoint of a run and prints decoded samples, one block per sample,
+then the number of denoiser calls (nfe). The parameters are the raw training weights:
+runs keep no EMA weights yet. `tdlm_jax.generation` holds the reusable part. Errors a user can cause print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from tdlm_jax.errors import ConfigError, TdlmError
+from tdlm_jax.data.tokenizer import get_tokenizer
+from tdlm_jax.generation import SAMPLERS, make_template, resolve_sampler, sample_texts
+from tdlm_jax.workdir import load_config, load_trained
+
+SEPARATOR = "=" * 20
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by tdlm_jax.main; its latest "
+                               "checkpoint is used (raw weights: runs keep no EMA weights yet).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 8, "Number of samples, generated as one batch.")
+_STEPS = flags.DEFINE_integer("steps", 128, "Sampling steps (split evenly over blocks with --block_length).")
+# A string, not an enum, so that a bad name is a one-line error like every other user error.
+_SAMPLER = flags.DEFINE_string("sampler", "confidence", f"One of {', '.join(SAMPLERS)}: MDLM ancestral "
+                               "sampling, LLaDA low-confidence remasking, or LLaDA random remasking.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text every sample starts with.")
+_LENGTH = flags.DEFINE_integer("length", None, "Sample length in tokens, prompt included. Default: the "
+                               "run's data.seq_len; longer works (RoPE) but is beyond what the model saw.")
+_BLOCK_LENGTH = flags.DEFINE_integer("block_length", None, "Semi-autoregressive block length (LLaDA); "
+                                     "default: all positions at once.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is argmax.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 disables.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 disables.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.mark_flag_as_required("workdir")
+
+
+def format_samples(texts: list[str], nfe: int) -> str:
+    """One block per sample under a numbered separator line, then the nfe."""
+    blocks = [f"{SEPARATOR} sample {i + 1}/{len(texts)} {SEPARATOR}\n{text}" for i, text in enumerate(texts)]
+    return "\n".join(blocks) + f"\n{SEPARATOR}\nnfe: {nfe}"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs dozens of INFO lines per restore
+    try:
+        # Check the request against the run's config before the slow restore.
+        resolve_sampler(_SAMPLER.value)
+        config = load_config(_WORKDIR.value)
+        tok = get_tokenizer(config.data.tokenizer)
+        length = config.data.seq_len if _LENGTH.value is None else _LENGTH.value
+        make_template(tok.encode(_PROMPT.value), length, 1, tok.mask_id)
+        trained = load_trained(_WORKDIR.value)
+        texts, nfe = sample_texts(
+            trained, num_samples=_NUM_SAMPLES.value, steps=_STEPS.value, method=_SAMPLER.value,
+            prompt=_PROMPT.value, length=_LENGTH.value, seed=_SEED.value, temperature=_TEMPERATURE.value,
+            top_k=_TOP_K.value, top_p=_TOP_P.value, block_length=_BLOCK_LENGTH.value)
+    except TdlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{_SAMPLER.value} sampling, checkpoint step {trained.step}, {_STEPS.value} steps")
+    print(format_samples(texts, nfe))
+
+
+if __name__ == "__main__":
+    app.run(main)
