@@ -57,6 +57,17 @@ def _first_non_finite(pts: Points) -> int | None:
     return next((s for s, v in pts if not math.isfinite(v)), None)
 
 
+def usable_points(history: History, name: str, needed: int) -> Points | Check:
+    """The metric's points, or the Check to report instead: too few logs, or a non-finite one."""
+    pts = points(history, name)
+    if len(pts) < needed:
+        return Check(name, NO_DATA, "not logged yet" if not pts else f"{len(pts)} of the {needed} logs needed")
+    bad = _first_non_finite(pts)
+    if bad is not None:
+        return Check(name, WARNING, f"non-finite {name} at step {bad}")
+    return pts
+
+
 def window_change(pts: Points) -> float:
     """Mean of the last third of the values minus the mean of the first third.
 
@@ -137,12 +148,9 @@ def check_bucket_counts(history: History) -> Check:
 def check_valid_ratio(history: History, minimum: float = 0.9) -> Check:
     """metrics/valid_ratio should stay close to 1.0; low values mean masks land on padding."""
     name = "metrics/valid_ratio"
-    pts = points(history, name)
-    if not pts:
-        return Check(name, NO_DATA, "not logged yet")
-    bad = _first_non_finite(pts)
-    if bad is not None:
-        return Check(name, WARNING, f"non-finite valid_ratio at step {bad}")
+    pts = usable_points(history, name, 1)
+    if isinstance(pts, Check):
+        return pts
     step, low = min(pts, key=lambda p: p[1])
     if low < minimum:
         return Check(name, WARNING, f"valid_ratio fell to {low:.3f} at step {step} "
@@ -153,12 +161,9 @@ def check_valid_ratio(history: History, minimum: float = 0.9) -> Check:
 def check_masked_tokens_vary(history: History) -> Check:
     """metrics/total_masked_tokens should vary with the sampled t, not be constant."""
     name = "metrics/total_masked_tokens"
-    pts = points(history, name)
-    if len(pts) < 3:
-        return Check(name, NO_DATA, f"{len(pts)} of the 3 logs needed")
-    bad = _first_non_finite(pts)
-    if bad is not None:
-        return Check(name, WARNING, f"non-finite total_masked_tokens at step {bad}")
+    pts = usable_points(history, name, 3)
+    if isinstance(pts, Check):
+        return pts
     values = [v for _, v in pts]
     if max(values) == min(values):
         return Check(name, WARNING, f"constant at {values[0]:g} over {len(pts)} logs: "
@@ -186,12 +191,9 @@ def check_mask_accuracy_trend(history: History, name: str = "metrics/mask_accura
 
     "Stagnating" here: the recent slope is under `stall_per_100` (0.1 point) per 100 steps.
     """
-    pts = points(history, name)
-    if len(pts) < 3:
-        return Check(name, NO_DATA, f"{len(pts)} of the 3 logs needed")
-    bad = _first_non_finite(pts)
-    if bad is not None:
-        return Check(name, WARNING, f"non-finite mask accuracy at step {bad}")
+    pts = usable_points(history, name, 3)
+    if isinstance(pts, Check):
+        return pts
     latest, change, slope = pts[-1][1], window_change(pts), recent_slope(pts)
     if change <= 0:
         return Check(name, WARNING, f"not increasing: {_pct(latest)} at step {pts[-1][0]}, "
@@ -208,12 +210,9 @@ def check_mask_accuracy_trend(history: History, name: str = "metrics/mask_accura
 def check_train_loss_trend(history: History, spike: float = 0.25) -> Check:
     """train/loss should decrease smoothly: lower at the end, no jump above `spike` (25%)."""
     name = "train/loss"
-    pts = points(history, name)
-    if len(pts) < 3:
-        return Check(name, NO_DATA, f"{len(pts)} of the 3 logs needed")
-    bad = _first_non_finite(pts)
-    if bad is not None:
-        return Check(name, WARNING, f"non-finite train/loss at step {bad}: training diverged")
+    pts = usable_points(history, name, 3)
+    if isinstance(pts, Check):
+        return pts
     change = window_change(pts)
     if change >= 0:
         return Check(name, WARNING, f"not decreasing: {change:+.3f} nats from the first to the "

@@ -23,26 +23,14 @@ HEALTHY_RUN_ALL_TIERS = ROOT / "tests" / "data" / "healthy_base_run_all_tiers.js
 Row = tuple[int, dict[str, Any]]
 
 
-class RecordingWriter(writers.MetricWriter):
+class RecordingWriter(writers.NullWriter):
     """Remembers every text written; ignores everything else."""
 
     def __init__(self) -> None:
         self.texts: list[tuple[int, dict[str, str]]] = []
 
-    def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
-        pass
-
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         self.texts.append((step, dict(texts)))
-
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def replay(rows: Sequence[Row], thresholds: health.HealthThresholds | None = None,
