@@ -155,9 +155,23 @@ def corrupt(process: ForwardProcess, rng: jax.Array, tokens_BxL: jax.Array, vali
         raise ValueError(f"forward process planned for {process.batch_size} rows, batch has {tokens_BxL.shape[0]}")
     time_rng, mask_rng = jax.random.split(rng)
     t_B, unbias_B = process.sample_times(time_rng)
+    uniforms_BxL = jax.random.uniform(mask_rng, tokens_BxL.shape)
+    return corrupt_at_times(process, tokens_BxL, valid_BxL, t_B, uniforms_BxL, unbias_B)
+
+
+def corrupt_at_times(process: ForwardProcess, tokens_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array,
+                     uniforms_BxL: jax.Array, unbias_B: jax.Array | None = None) -> Corrupted:
+    """Applies the forward process at given times, with given U[0, 1) draws for the masks.
+
+    `corrupt` is this function with sampled times; evaluation calls it directly with its own
+    time grid and per-sequence random streams. A position's mask is drawn where its uniform
+    falls below the masking rate 1 − α(t) of its sequence.
+    """
     mask_rate_B = 1.0 - process.schedule.alpha(t_B)
-    drawn_BxL = jax.random.uniform(mask_rng, tokens_BxL.shape) < mask_rate_B[:, None]
+    drawn_BxL = uniforms_BxL < mask_rate_B[:, None]
     masked_BxL = drawn_BxL & valid_BxL
+    if unbias_B is None:
+        unbias_B = jnp.ones_like(t_B)
     return Corrupted(
         tokens_BxL=tokens_BxL,
         noisy_BxL=jnp.where(masked_BxL, process.mask_id, tokens_BxL),

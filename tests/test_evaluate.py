@@ -1,0 +1,141 @@
+"""The NELBO evaluation: the estimator against values the math fixes, and the CLI on a tiny run."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdlm_jax import nelbo
+from tdlm_jax.diffusion.corruption import ForwardProcess
+from tdlm_jax.diffusion.schedules import Schedule
+from tdlm_jax.errors import ConfigError
+from tdlm_jax.workdir import load_trained
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.py")
+EDGES = (0.0, 0.3, 0.7, 1.0)
+MASK_ID = 256
+KEYS = {"eval/nelbo", "eval/nelbo_stderr", "eval/bits_per_token", "eval/perplexity_bound", "eval/num_sequences",
+        "eval/num_tokens", "eval/num_t_samples", "eval/step"} | {
+    f"eval/{b}_corruption_{what}" for b in ("low", "medium", "high") for what in ("loss", "accuracy")}
+
+
+def uniform_model(params, noisy_BxL, valid_BxL, t_B):
+    """Uniform over the 256 byte ids, −inf at [MASK] and [PAD], like the denoiser's SUBS output."""
+    logits_BxLxV = jnp.zeros(noisy_BxL.shape + (258,), jnp.float32)
+    return logits_BxLxV.at[..., 256:].set(-jnp.inf)
+
+
+def linear_process() -> ForwardProcess:
+    # 'uniform' weighting on purpose: evaluation must replace it with the exact ELBO weight.
+    return ForwardProcess(Schedule("linear"), 1e-3, "stratified", "uniform", 10.0, MASK_ID, EDGES, 8)
+
+
+def random_windows(num: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random bytes; the last window is half padding, like the final window of a split."""
+    rng = np.random.default_rng(seed)
+    tokens_NxL = rng.integers(0, 256, (num, length)).astype(np.int32)
+    valid_NxL = np.ones((num, length), bool)
+    valid_NxL[-1, length // 2:] = False
+    tokens_NxL[~valid_NxL] = 257
+    return tokens_NxL, valid_NxL
+
+
+def check_invariants(result: dict) -> None:
+    """What holds for every report: the derived scalars and the parts adding up to the whole."""
+    assert result["eval/perplexity_bound"] == pytest.approx(math.exp(result["eval/nelbo"]), rel=1e-9)
+    assert result["eval/bits_per_token"] == pytest.approx(result["eval/nelbo"] / math.log(2), rel=1e-9)
+    for rows in (result["curve"], result["buckets"]):
+        assert sum(r["nelbo"] for r in rows) == pytest.approx(result["eval/nelbo"], rel=1e-6)
+        assert sum(r["samples"] for r in rows) == result["eval/num_sequences"] * result["eval/num_t_samples"]
+
+
+def test_uniform_predictor_scores_log_256():
+    tokens_NxL, valid_NxL = random_windows(61, 16)  # 61 rows: the last batch is padded
+    result = nelbo.estimate(uniform_model, None, tokens_NxL, valid_NxL, process=linear_process(),
+                            num_t_samples=2, batch_size=16, seed=0)
+    # E_t[w(t)·(1 − α(t))] = 1 for the linear schedule: the bound is log 256 in expectation.
+    assert abs(result["eval/nelbo"] - math.log(256)) < 4 * result["eval/nelbo_stderr"]
+    assert result["eval/nelbo_stderr"] < 0.5
+    assert result["eval/num_sequences"] == 61 and result["eval/num_tokens"] == valid_NxL.sum()
+    for row in result["curve"]:  # unweighted CE of a uniform predictor is log 256 at every level
+        assert row["loss"] == pytest.approx(math.log(256), rel=1e-5)
+    check_invariants(result)
+
+
+def test_result_is_independent_of_batch_size():
+    """Each sequence's noise depends on its index alone, and padding rows count for nothing."""
+    tokens_NxL, valid_NxL = random_windows(21, 8, seed=1)
+    run = lambda batch_size: nelbo.estimate(uniform_model, None, tokens_NxL, valid_NxL, process=linear_process(),
+                                            num_t_samples=3, batch_size=batch_size, seed=5)
+    small, large = run(4), run(24)
+    assert small["eval/nelbo"] == pytest.approx(large["eval/nelbo"], rel=1e-6)
+    assert small["curve"] == large["curve"]
+
+
+def test_ratio_stderr_is_the_plain_stderr_for_equal_lengths():
+    rng = np.random.default_rng(0)
+    estimates_N, tokens_N = rng.normal(100.0, 10.0, 50), np.full(50, 32.0)
+    ratio, stderr = nelbo.ratio_estimate(estimates_N, tokens_N)
+    per_token_N = estimates_N / tokens_N
+    assert ratio == pytest.approx(per_token_N.mean())
+    assert stderr == pytest.approx(per_token_N.std(ddof=1) / math.sqrt(50))
+    assert nelbo.ratio_estimate(estimates_N[:1], tokens_N[:1])[1] is None
+
+
+def test_batch_size_must_divide_over_the_devices():
+    tokens_NxL, valid_NxL = random_windows(8, 8)
+    with pytest.raises(ConfigError, match="--batch_size=6"):
+        nelbo.estimate(uniform_model, None, tokens_NxL, valid_NxL, process=linear_process(), num_t_samples=1,
+                       batch_size=6)
+
+
+def run_evaluate(*args):
+    return subprocess.run([sys.executable, "-m", "tdlm_jax.evaluate", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+    """A trained tiny run; 4 steps are enough to restore and evaluate (step 8 adds a tier-3 compile)."""
+    workdir = tmp_path_factory.mktemp("evaluate") / "run"
+    result = subprocess.run([sys.executable, "-m", "tdlm_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+                             "--config.training.num_steps=4"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_more_t_samples_agree_and_shrink_the_stderr(tiny_run):
+    trained = load_trained(str(tiny_run))
+    tokens_NxL, valid_NxL = nelbo.split_windows(trained.config, trained.tokenizer, "val", max_sequences=128)
+    one, many = (nelbo.nelbo_estimate(trained, tokens_NxL, valid_NxL, num_t_samples=k, seed=0) for k in (1, 16))
+    combined = math.hypot(one["eval/nelbo_stderr"], many["eval/nelbo_stderr"])
+    assert abs(one["eval/nelbo"] - many["eval/nelbo"]) < 3 * combined
+    assert many["eval/nelbo_stderr"] < one["eval/nelbo_stderr"]
+    assert many["eval/step"] == 4 and many["eval/num_t_samples"] == 16
+    check_invariants(many)
+
+
+def test_cli_prints_the_table_and_writes_json(tiny_run):
+    result = run_evaluate(f"--workdir={tiny_run}", "--max_sequences=64", "--num_t_samples=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval/nelbo" in result.stdout and "by corruption bucket" in result.stdout
+    written = json.loads((tiny_run / "eval_4.json").read_text())
+    assert KEYS <= set(written)
+    assert written["eval/num_sequences"] == 64 and written["eval/num_tokens"] == 64 * 32
+    assert written["eval/step"] == 4 and written["split"] == "val"
+    check_invariants(written)
+
+
+def test_cli_missing_workdir_is_one_line_and_exit_2(tmp_path):
+    result = run_evaluate(f"--workdir={tmp_path / 'nothing'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
+    assert "config.json does not exist" in result.stderr
