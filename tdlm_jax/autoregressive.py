@@ -49,3 +49,27 @@ def nll_float64(logits_BxLxV: np.ndarray, tokens_BxL: np.ndarray, valid_BxL: np.
     log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
     picked = np.take_along_axis(log_probs, np.asarray(tokens_BxL)[..., None], axis=-1)[..., 0]
     return -np.where(valid_BxL, picked, 0.0).sum(axis=-1)
+
+
+def generative_perplexity(ar_model: Callable, tokens_NxL: np.ndarray, start_id: int, batch_size: int = 32
+                          ) -> dict[str, float]:
+    """How likely a trained AR model finds generated samples, and how diverse they are.
+
+    `gen/perplexity` = exp(total NLL / total tokens), summed in float64. Low perplexity alone
+    rewards repetitive text, so `gen/unigram_entropy` (nats, of the samples' token
+    frequencies, also float64) comes with it: a collapse to a few frequent tokens shows
+    there as a low entropy.
+    """
+    tokens_NxL = np.asarray(tokens_NxL)
+    valid_NxL = np.ones_like(tokens_NxL, bool)
+    logits_fn = jax.jit(lambda t, v: next_token_logits(ar_model, t, v, start_id))
+    nll = np.concatenate([
+        nll_float64(jax.device_get(logits_fn(tokens_NxL[i:i + batch_size], valid_NxL[i:i + batch_size])),
+                    tokens_NxL[i:i + batch_size], valid_NxL[i:i + batch_size])
+        for i in range(0, len(tokens_NxL), batch_size)])
+    counts = np.bincount(tokens_NxL.ravel()).astype(np.float64)
+    freqs = counts[counts > 0] / counts.sum()
+    return {"gen/perplexity": float(np.exp(nll.sum() / tokens_NxL.size)),
+            "gen/nll_per_token": float(nll.sum() / tokens_NxL.size),
+            "gen/unigram_entropy": float(-(freqs * np.log(freqs)).sum()),
+            "gen/num_samples": int(len(tokens_NxL))}

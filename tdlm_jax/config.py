@@ -141,4 +141,5 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int, num_pred
     m = config.model
     return ModelConfig(vocab_size=vocab_size, num_predictable=num_predictable, d_model=m.d_model,
                        num_heads=m.num_heads, num_layers=m.num_layers, mlp_dim=m.mlp_dim, dtype=m.dtype,
-                       time_conditioning=bool(m.time_conditioning), causal=m.kind == "ar")
+                       time_conditioning=bool(m.time_conditioning),
+                       causal=m.get("kind", "diffusion") == "ar")  # runs saved before model.kind were diffusion

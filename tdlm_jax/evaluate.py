@@ -31,6 +31,12 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _MAX_SEQUENCES = flags.DEFINE_integer(
     "max_sequences", None, "Evaluate only the first N windows of the split (quick runs). Default: all.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the times and masks; fixed, so reruns agree exactly.")
+_GEN_PPL_MODEL = flags.DEFINE_string(
+    "gen_ppl_model", None, "Workdir of a trained autoregressive run (configs/ar_baseline.py): also score "
+    "samples of this run with it, reporting generative perplexity and the samples' unigram entropy.")
+_GEN_NUM_SAMPLES = flags.DEFINE_integer("gen_num_samples", 32, "Samples to score with --gen_ppl_model.")
+_GEN_STEPS = flags.DEFINE_integer("gen_steps", 128, "Sampling steps of those samples.")
+_GEN_SAMPLER = flags.DEFINE_string("gen_sampler", "ancestral", "Sampler of those samples (see tdlm_jax.sample).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -71,7 +77,30 @@ def format_report(result: dict, *, workdir: str, split: str, seconds: float) -> 
         "by corruption bucket:",
         *level_table(result["buckets"], lambda row: f"{row['name']} {_interval(row)}"),
     ]
+    if "gen/perplexity" in result:
+        lines += ["", f"{result['gen/num_samples']} samples ({result['gen/sampler']}, {result['gen/steps']} steps, "
+                      f"nfe {result['gen/nfe']}) scored by the AR model (float64):",
+                  f"  gen/perplexity        {result['gen/perplexity']:.4f}",
+                  f"  gen/unigram_entropy   {result['gen/unigram_entropy']:.4f} nats (low: repetitive samples)"]
     return "\n".join(lines)
+
+
+def generative_scores(trained, ar_workdir: str) -> dict:
+    """Samples of the diffusion run, scored by a trained AR run of this project (float64)."""
+    from tdlm_jax import autoregressive, generation, workdir as workdir_lib
+    from tdlm_jax.errors import ConfigError
+
+    scorer = workdir_lib.load_trained(ar_workdir)
+    if scorer.config.model.get("kind", "diffusion") != "ar":
+        raise ConfigError(f"--gen_ppl_model={ar_workdir} is not an autoregressive run (model.kind must be 'ar')")
+    if scorer.config.data.tokenizer != trained.config.data.tokenizer:
+        raise ConfigError(f"--gen_ppl_model uses tokenizer {scorer.config.data.tokenizer!r}, this run "
+                          f"{trained.config.data.tokenizer!r}: they must match")
+    tokens_NxL, nfe = generation.sample_tokens(trained, num_samples=_GEN_NUM_SAMPLES.value, steps=_GEN_STEPS.value,
+                                               method=_GEN_SAMPLER.value, seed=_SEED.value)
+    scores = autoregressive.generative_perplexity(scorer.model(), tokens_NxL, scorer.tokenizer.mask_id)
+    return {**scores, "gen/sampler": _GEN_SAMPLER.value, "gen/steps": _GEN_STEPS.value, "gen/nfe": nfe,
+            "gen/scorer_step": scorer.step}
 
 
 def results_path(workdir: str, step: int, split: str) -> str:
@@ -93,6 +122,8 @@ def main(argv: list[str]) -> None:
         result = nelbo.nelbo_estimate(trained, tokens_NxL, valid_NxL, num_t_samples=_NUM_T_SAMPLES.value,
                                       batch_size=_BATCH_SIZE.value, seed=_SEED.value)
         seconds = time.perf_counter() - tic
+        if _GEN_PPL_MODEL.value:
+            result.update(generative_scores(trained, _GEN_PPL_MODEL.value))
     except TdlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

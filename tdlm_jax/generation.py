@@ -52,9 +52,15 @@ def _jitted_generate(graphdef: nnx.GraphDef, options: tuple[tuple[str, Any], ...
     return jax.jit(run)
 
 
-def sample_texts(trained: TrainedModel, *, num_samples: int, steps: int, method: str, prompt: str = "",
-                 length: int | None = None, seed: int = 0, **sampling_kwargs) -> tuple[list[str], int]:
-    """Generates `num_samples` texts that start with `prompt`; returns them and the nfe.
+def sample_texts(trained: TrainedModel, **kwargs) -> tuple[list[str], int]:
+    """`sample_tokens`, decoded: the texts and the nfe."""
+    tokens_NxL, nfe = sample_tokens(trained, **kwargs)
+    return [trained.tokenizer.decode(row) for row in tokens_NxL], nfe
+
+
+def sample_tokens(trained: TrainedModel, *, num_samples: int, steps: int, method: str, prompt: str = "",
+                  length: int | None = None, seed: int = 0, **sampling_kwargs) -> tuple[np.ndarray, int]:
+    """Generates `num_samples` sequences that start with `prompt`; returns their ids and the nfe.
 
     Args:
         trained: the run to sample from (its config gives the schedule and time conditioning).
@@ -86,5 +92,13 @@ def sample_texts(trained: TrainedModel, *, num_samples: int, steps: int, method:
     # An invalid option raises ConfigError while `generate` is traced, before anything runs.
     result = _jitted_generate(trained.graphdef, tuple(sorted(options.items())))(
         trained.params, jax.random.key(seed), template)
-    tokens = np.asarray(jax.device_get(result.tokens_NxL))
-    return [tok.decode(row) for row in tokens], int(result.nfe)
+    return np.asarray(jax.device_get(result.tokens_NxL)), int(result.nfe)
+
+
+SEPARATOR = "=" * 20
+
+
+def format_samples(texts: list[str], nfe: int) -> str:
+    """One block per sample under a numbered separator line, then the nfe."""
+    blocks = [f"{SEPARATOR} sample {i + 1}/{len(texts)} {SEPARATOR}\n{text}" for i, text in enumerate(texts)]
+    return "\n".join(blocks) + f"\n{SEPARATOR}\nnfe: {nfe}"

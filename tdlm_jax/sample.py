@@ -13,10 +13,8 @@ from absl import app, flags, logging
 
 from tdlm_jax.errors import ConfigError, TdlmError
 from tdlm_jax.data.tokenizer import get_tokenizer
-from tdlm_jax.generation import SAMPLERS, make_template, resolve_sampler, sample_texts
+from tdlm_jax.generation import SAMPLERS, format_samples, make_template, resolve_sampler, sample_texts
 from tdlm_jax.workdir import load_config, load_trained
-
-SEPARATOR = "=" * 20
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by tdlm_jax.main; its latest "
                                "checkpoint is used (raw weights: runs keep no EMA weights yet).")
@@ -35,12 +33,6 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 disa
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 disables.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.mark_flag_as_required("workdir")
-
-
-def format_samples(texts: list[str], nfe: int) -> str:
-    """One block per sample under a numbered separator line, then the nfe."""
-    blocks = [f"{SEPARATOR} sample {i + 1}/{len(texts)} {SEPARATOR}\n{text}" for i, text in enumerate(texts)]
-    return "\n".join(blocks) + f"\n{SEPARATOR}\nnfe: {nfe}"
 
 
 def main(argv: list[str]) -> None:

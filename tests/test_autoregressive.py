@@ -71,3 +71,17 @@ def test_tiny_ar_run_logs_exact_nll_and_no_diffusion_metrics(tmp_path):
     val = [r for r in rows if "val/loss" in r]
     assert all(r["val/perplexity"] == pytest.approx(math.exp(r["val/loss"])) for r in val)
     assert summary["summary/best_val_loss"] == min(r["val/loss"] for r in val)
+
+
+def test_generative_perplexity_of_a_uniform_scorer_is_v_and_entropy_is_exact():
+    model = Denoiser(AR_MODEL, nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    uniform = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, params))
+    samples = np.random.default_rng(0).integers(0, 256, (5, 16))
+    scores = autoregressive.generative_perplexity(uniform, samples, MASK_ID, batch_size=2)
+    assert scores["gen/perplexity"] == pytest.approx(256.0, rel=1e-9)
+    counts = np.bincount(samples.ravel()) / samples.size
+    expected = -sum(p * math.log(p) for p in counts if p > 0)
+    assert scores["gen/unigram_entropy"] == pytest.approx(expected, rel=1e-12)
+    repetitive = autoregressive.generative_perplexity(uniform, np.full((2, 16), 101), MASK_ID)
+    assert repetitive["gen/unigram_entropy"] == 0.0
