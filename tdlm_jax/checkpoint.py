@@ -130,6 +130,20 @@ class Checkpointer:
         """All finished checkpoint steps, ascending."""
         return sorted(self._manager.all_steps())
 
+    def quarantine(self, step: int) -> str:
+        """Moves an unreadable checkpoint aside (to `<checkpoints>-corrupt/<step>`) and returns
+        where; the step can then be saved again, and the evidence is kept for inspection."""
+        source = self.step_directory(step)
+        target_dir = self._directory.rstrip(os.sep) + "-corrupt"
+        os.makedirs(target_dir, exist_ok=True)
+        target = os.path.join(target_dir, f"{step}")
+        suffix = 1
+        while os.path.exists(target):
+            target, suffix = os.path.join(target_dir, f"{step}.{suffix}"), suffix + 1
+        os.rename(source, target)
+        self._manager.reload()
+        return target
+
     def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
         """Starts saving `state` (and the iterator position) as the checkpoint of `step`.
 

@@ -52,6 +52,10 @@ def main(argv: list[str]) -> None:
     except TdlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if "preempted_at_step" in summary:
+        logging.warning("preempted at step %d; checkpoint saved in %s; run the same command to resume",
+                        summary["preempted_at_step"], workdir)
+        return
     logging.info("done: %s (workdir %s)", summary, workdir)
 
 

@@ -17,6 +17,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -32,6 +34,7 @@ from tdlm_jax import config as config_lib
 from tdlm_jax import optim
 from tdlm_jax import step as step_lib
 from tdlm_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+from tdlm_jax.errors import CheckpointError, ConfigError
 from tdlm_jax.metrics import aggregation, health, writers
 from tdlm_jax.model.transformer import Denoiser
 from tdlm_jax.workdir import TrainedModel
@@ -124,11 +127,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     objective = config.model.kind
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                            max_to_keep=tc.max_checkpoints_to_keep)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = checkpointer.restore(start_step, abstract, data.train_iterator)
-        logging.info("resumed from %s at step %d", checkpointer.step_directory(start_step), start_step)
+    start_step, state = restore_latest_usable(checkpointer, state, data.train_iterator)
     return Run(
         mesh=mesh, tokenizer=tok, graphdef=graphdef, data=data, state=state,
         train_fn=step_lib.jit_train_step(mesh, graphdef=graphdef, process=process, optimizer=optimizer,
@@ -138,6 +137,73 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
         analysis_fn=step_lib.jit_analysis_step(mesh, graphdef=graphdef, process=process),
         eval_rng=jax.random.fold_in(jax.random.key(config.seed), 0x5EED),
         checkpointer=checkpointer, start_step=start_step, is_diffusion=objective == "diffusion")
+
+
+def restore_latest_usable(checkpointer: checkpoint.Checkpointer, state: step_lib.TrainState, data_iterator: Any
+                          ) -> tuple[int, step_lib.TrainState]:
+    """(step, state) of the newest checkpoint that restores, or (0, state) if there is none.
+
+    Newer checkpoints that cannot be read (a kill during a save, a truncated file) are moved
+    aside with a warning naming them, but only once an older one has restored: if none
+    restores, nothing is moved and the error is raised, so a run never starts over from
+    step 0 silently.
+    """
+    steps = checkpointer.all_steps()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    unreadable: list[tuple[int, CheckpointError]] = []
+    for step in reversed(steps):
+        try:
+            restored = checkpointer.restore(step, abstract, data_iterator)
+        except CheckpointError as e:
+            unreadable.append((step, e))
+            continue
+        for bad_step, error in unreadable:
+            moved = checkpointer.quarantine(bad_step)
+            logging.warning("checkpoint %d is unreadable (%s); moved it to %s and resumed from step %d",
+                            bad_step, error, moved, step)
+        logging.info("resumed from %s at step %d", checkpointer.step_directory(step), step)
+        return step, restored
+    if unreadable:
+        raise unreadable[0][1]
+    return 0, state
+
+
+# Keys a resumed run may not change: they define the parameters' shapes or what the data
+# iterator's saved position means. Everything else (steps, frequencies, learning rate,
+# evaluation, logging) may change, and the changes are logged.
+STRUCTURAL_KEYS = ("model.", "data.source", "data.tokenizer", "data.seq_len", "data.val_fraction",
+                   "training.batch_size", "seed")
+
+
+def check_config_change(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Compares the config with the one the workdir's run saved; refuses structural changes."""
+    path = os.path.join(workdir, "config.json")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.exists(path) or not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+        return  # nothing to resume, so nothing to contradict
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    current = _flatten(json.loads(config.to_json_best_effort()))
+    changed = {k: (saved.get(k), current.get(k)) for k in sorted(saved.keys() | current.keys())
+               if saved.get(k) != current.get(k)}
+    if not changed:
+        return
+    described = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    structural = [k for k in changed if k.startswith(STRUCTURAL_KEYS)]
+    if structural and not config.training.get("allow_config_change", False):
+        raise ConfigError(f"config error: resuming {workdir} with a different {', '.join(structural)} "
+                          f"({described}): use a new --workdir, or --config.training.allow_config_change=true")
+    logging.warning("resuming %s with a changed config: %s", workdir, described)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class MetricLog:
@@ -204,9 +270,10 @@ def _synced_time(state: step_lib.TrainState) -> float:
     return time.perf_counter()
 
 
-def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_val: float
-             ) -> tuple[step_lib.TrainState, float]:
-    """Steps from the restored step to `training.num_steps`; returns the state and best val/loss."""
+def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_val: float,
+             preemption: "Preemption") -> tuple[step_lib.TrainState, float]:
+    """Steps from the restored step to `training.num_steps`, or until a SIGTERM; returns the
+    state and the best val/loss."""
     tc = config.training
     state = run.state
     names = aggregation.TIER1_NAMES if run.is_diffusion else aggregation.TRAIN_NAMES
@@ -242,11 +309,15 @@ def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_v
             if run.is_diffusion and config.sampling.num_samples_at_eval:
                 log.writer.write_texts(step, eval_samples(config, run, state.params, step))
             log.exclude(time.perf_counter() - tic)
-        if _every(step, tc.checkpoint_every_n_steps, tc.num_steps):
+        run.state = state  # what an interruption may save
+        if _every(step, tc.checkpoint_every_n_steps, tc.num_steps) or preemption.requested:
+            log.flush()  # every row up to this step is on disk before its checkpoint
             tic = _synced_time(state)
             run.checkpointer.save(step, state, run.data.train_iterator)
             log.exclude(time.perf_counter() - tic)
-        run.state = state  # what an interruption may save
+        if preemption.requested:
+            logging.warning("SIGTERM: saved a checkpoint at step %d; run the same command to resume", step)
+            break
     log.flush()
     return state, best_val
 
@@ -254,11 +325,15 @@ def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_v
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | None]:
     """Trains (or resumes) the run in `workdir` and returns its summary."""
     wall_start = time.time()
-    os.makedirs(workdir, exist_ok=True)
+    ensure_writable(workdir)
+    check_config_change(config, workdir)
     run = build_run(config, workdir)
     primary = jax.process_index() == 0
     writer = writers.create_default_writer(workdir, wandb_project=config.logging.wandb_project,
-                                           wandb_entity=config.logging.wandb_entity, config=config.to_dict())
+                                           wandb_entity=config.logging.wandb_entity, config=config.to_dict(),
+                                           resume_step=run.start_step)
+    if primary and run.start_step:
+        writers.drop_rows_after(os.path.join(workdir, "alerts.jsonl"), run.start_step)
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -267,12 +342,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | 
                                    os.path.join(workdir, "alerts.jsonl") if primary else None)
     log = MetricLog(writer, monitor, config.training.batch_size * config.data.seq_len, run.start_step)
     try:
-        state, best_val = run_loop(config, run, log, _best_logged_val_loss(workdir, run.start_step))
+        with Preemption() as preemption:
+            state, best_val = run_loop(config, run, log, _best_logged_val_loss(workdir, run.start_step), preemption)
     except KeyboardInterrupt:
         _save_on_interrupt(run)
         raise
     finally:
         run.checkpointer.close()
+    if preemption.requested:
+        writer.close()
+        return {"preempted_at_step": int(state.step)}
 
     summary = {
         "summary/training_time_hours": (time.time() - wall_start) / 3600.0,
@@ -287,6 +366,39 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | 
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+class Preemption:
+    """While active, SIGTERM (a preemption notice) only sets `requested`: the loop finishes
+    its step, saves a checkpoint, flushes the writers and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():  # signals go to the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def ensure_writable(workdir: str) -> None:
+    """A clear error now, rather than a traceback at the first checkpoint or metric write."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"workdir {workdir} is not writable ({e.strerror}): pass a --workdir you can write to")
 
 
 def _save_on_interrupt(run: Run) -> None:

@@ -95,8 +95,10 @@ def flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, A
 class TensorBoardWriter(MetricWriter):
     """Writes TensorBoard event files in `logdir` through tensorboardX."""
 
-    def __init__(self, logdir: str) -> None:
-        self._writer = SummaryWriter(logdir=logdir)
+    def __init__(self, logdir: str, purge_step: int | None = None) -> None:
+        # purge_step: TensorBoard hides events from earlier runs at steps >= it, so a run
+        # resumed from a checkpoint does not show the dead run's steps twice.
+        self._writer = SummaryWriter(logdir=logdir, purge_step=purge_step)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
         for key, value in scalars.items():
@@ -217,6 +219,33 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [{k: _from_json_value(v) for k, v in row.items()} for row in rows]
 
 
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites a JSONL log without its rows past `step` (and any torn last line a kill left).
+
+    A run resumed from the checkpoint at `step` logs the later steps again; without this they
+    would appear twice. The rewrite is atomic. Returns the number of rows dropped.
+    """
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a row cut short by a kill
+                dropped += 1
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return dropped
+
+
 def format_scalar(value: Scalar) -> str:
     """Formats a scalar compactly: `n/a`, ints as ints, 4 decimals, tiny/huge in e-notation."""
     if value is None:
@@ -308,6 +337,7 @@ def create_default_writer(
     wandb_project: str = "",
     wandb_entity: str = "",
     config: Mapping[str, Any] | None = None,
+    resume_step: int = 0,
 ) -> MetricWriter:
     """TensorBoard at `workdir` + `workdir/metrics.jsonl` + console on process 0.
 
@@ -317,6 +347,9 @@ def create_default_writer(
     A non-empty `wandb_project` adds a `WandbWriter` (run name: the workdir's basename;
     wandb files and the persisted run id under `workdir`) whose run config is `config`.
     `wandb_entity` "" uses wandb's default entity.
+
+    `resume_step` > 0 (a run restored from that checkpoint) drops the rows an interrupted
+    run logged past it from metrics.jsonl, and purges them from TensorBoard's view.
     """
     if is_primary is None:
         is_primary = jax.process_index() == 0
@@ -336,9 +369,12 @@ def create_default_writer(
             config=config if config is not None else {},
             directory=workdir,
         ))
+    jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step:
+        drop_rows_after(jsonl_path, resume_step)
     return MultiWriter([
-        TensorBoardWriter(workdir),
-        JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+        TensorBoardWriter(workdir, purge_step=resume_step + 1 if resume_step else None),
+        JsonlWriter(jsonl_path),
         ConsoleWriter(),
         *wandb_writers,
     ])

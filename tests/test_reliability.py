@@ -1,0 +1,120 @@
+"""Faults a run must survive: preemption, a kill mid-save, corrupt checkpoints, changed
+configs, unwritable workdirs; and determinism."""
+
+import json
+import os
+import pathlib
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tdlm_jax import train
+from tdlm_jax.errors import CheckpointError, ConfigError
+from tdlm_jax.metrics.writers import read_jsonl
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.py")
+VOLATILE = ("train/tokens_per_second", "summary/training_time_hours")
+
+
+def tiny_config():
+    return runpy.run_path(TINY)["get_config"]()
+
+
+def comparable_rows(workdir, after_step=0):
+    return [{k: v for k, v in r.items() if k not in VOLATILE}
+            for r in read_jsonl(workdir / "metrics.jsonl") if r["step"] > after_step]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reliability") / "uninterrupted"
+    train.train(tiny_config(), str(workdir))
+    return workdir
+
+
+def test_same_config_and_seed_give_bit_identical_metrics(uninterrupted, tmp_path):
+    train.train(tiny_config(), str(tmp_path / "again"))
+    assert comparable_rows(tmp_path / "again") == comparable_rows(uninterrupted)
+
+
+def test_kill_during_a_save_falls_back_to_the_previous_checkpoint_without_duplicate_rows(uninterrupted, tmp_path):
+    """As if killed while writing checkpoint 8: its data file is cut short, and the metrics
+    log holds rows past step 4 plus a torn last line."""
+    workdir = tmp_path / "killed"
+    shutil.copytree(uninterrupted, workdir)
+    step_8 = workdir / "checkpoints" / "8"
+    largest = max((p for p in step_8.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 3])
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "train/lo')
+    train.train(tiny_config(), str(workdir))
+    assert (workdir / "checkpoints-corrupt" / "8").is_dir()  # moved aside, named in a warning
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 8
+    steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "train/loss" in r]
+    assert steps == sorted(set(steps))  # no step logged twice
+    assert comparable_rows(workdir) == comparable_rows(uninterrupted)
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(uninterrupted, tmp_path):
+    workdir = tmp_path / "all_bad"
+    shutil.copytree(uninterrupted, workdir)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            for p in step_dir.rglob("*"):
+                if p.is_file() and p.stat().st_size > 1000:
+                    p.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="could not be restored"):
+        train.train(tiny_config(), str(workdir))
+    assert not (workdir / "checkpoints-corrupt").exists()  # nothing moved when nothing restores
+
+
+def test_model_change_on_resume_is_refused_and_harmless_changes_are_allowed(uninterrupted, tmp_path):
+    workdir = tmp_path / "changed"
+    shutil.copytree(uninterrupted, workdir)
+    config = tiny_config()
+    config.model.num_layers = 3
+    with pytest.raises(ConfigError, match=r"model.num_layers.*allow_config_change=true"):
+        train.train(config, str(workdir))
+    config = tiny_config()
+    config.training.num_steps = 10
+    config.training.logging_steps = 1
+    summary = train.train(config, str(workdir))
+    assert summary["summary/total_steps"] == 10
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CheckpointError, match="is not writable"):
+        train.train(tiny_config(), str(blocker / "run"))
+
+
+def test_sigterm_saves_a_checkpoint_exits_zero_and_the_restart_resumes(tmp_path):
+    workdir = tmp_path / "preempted"
+    command = [sys.executable, "-m", "tdlm_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+               "--config.training.num_steps=5000", "--config.training.checkpoint_every_n_steps=5000",
+               "--config.training.eval_every_n_steps=5000", "--config.training.detailed_metrics_steps=5000",
+               "--config.training.attention_analysis_steps=5000"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-2000:]
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 0 < saved[0] < 5000
+    assert not (workdir / "summary.json").exists()  # the run is not finished
+    assert max(r["step"] for r in read_jsonl(workdir / "metrics.jsonl")) <= saved[0]
+    resumed = subprocess.run(command[:5] + [f"--config.training.num_steps={saved[0] + 2}"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {saved[0]}" in resumed.stderr
+    assert json.loads((workdir / "summary.json").read_text())["summary/total_steps"] == saved[0] + 2
