@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.eval_every_n_steps = 100
     config.training.checkpoint_every_n_steps = 500
     config.training.max_checkpoints_to_keep = 3
+    # Non-finite steps are skipped; this many in a row stops the run (checked at logging steps).
+    config.training.max_consecutive_nonfinite = 100
     # Resuming with a different model, data or batch is refused unless this is set.
     config.training.allow_config_change = False
 

@@ -29,7 +29,7 @@ POSITIVE_INTS = (
     "training.num_steps", "training.batch_size", "training.logging_steps",
     "training.detailed_metrics_steps", "training.attention_analysis_steps",
     "training.eval_every_n_steps", "training.checkpoint_every_n_steps",
-    "training.max_checkpoints_to_keep", "sampling.steps",
+    "training.max_checkpoints_to_keep", "training.max_consecutive_nonfinite", "sampling.steps",
 )
 CHOICES = {
     "model.kind": OBJECTIVES,

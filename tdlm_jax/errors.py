@@ -21,3 +21,7 @@ class DataError(TdlmError):
 
 class CheckpointError(TdlmError):
     """A checkpoint that cannot be read or written."""
+
+
+class TrainingError(TdlmError):
+    """Training cannot usefully go on (e.g. every recent batch gave a non-finite loss)."""

@@ -36,11 +36,13 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32 raw key data of the run's base key
     skipped_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+    consecutive_skips: jax.Array  # int32 scalar: skipped updates since the last applied one
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)), skipped_steps=jnp.zeros((), jnp.int32))
+                      rng=jax.random.key_data(jax.random.key(seed)), skipped_steps=jnp.zeros((), jnp.int32),
+                      consecutive_skips=jnp.zeros((), jnp.int32))
 
 
 def step_rng(state_rng: jax.Array, step: jax.Array) -> jax.Array:
@@ -95,12 +97,14 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
                               opt_state=keep_if_finite(opt_state, state.opt_state),
-                              skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32))
+                              skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
+                              consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32))
     metrics = {
         "train/loss": loss,
         "train/learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
         "train/grad_norm": grad_norm,
         "train/skipped_steps": new_state.skipped_steps.astype(jnp.float32),
+        "train/consecutive_skipped_steps": new_state.consecutive_skips.astype(jnp.float32),
     }
     if objective == "diffusion":
         metrics.update(tier1_metrics(logits, batch))

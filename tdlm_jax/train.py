@@ -34,7 +34,7 @@ from tdlm_jax import config as config_lib
 from tdlm_jax import optim
 from tdlm_jax import step as step_lib
 from tdlm_jax.data import pipeline, sources, tokenizer as tokenizer_lib
-from tdlm_jax.errors import CheckpointError, ConfigError
+from tdlm_jax.errors import CheckpointError, ConfigError, TrainingError
 from tdlm_jax.metrics import aggregation, health, writers
 from tdlm_jax.model.transformer import Denoiser
 from tdlm_jax.workdir import TrainedModel
@@ -220,6 +220,7 @@ class MetricLog:
         self.last_step, self.last_time = start_step, time.perf_counter()
         self.excluded_seconds = 0.0  # compilation, evaluation, analysis, checkpointing
         self.last_train_loss: float | None = None
+        self.consecutive_skips = 0  # as of the last fetched interval
 
     def write(self, step: int, row: dict[str, float | None]) -> None:
         self.writer.write_scalars(step, row)
@@ -235,6 +236,7 @@ class MetricLog:
                 row = aggregation.interval_means(fetched)
                 row["train/tokens_per_second"] = self._throughput(step)
                 self.last_train_loss = row["train/loss"]
+                self.consecutive_skips = int(row["train/consecutive_skipped_steps"])
             else:
                 row = aggregation.to_host_scalars(fetched)
             self.write(step, row)
@@ -294,6 +296,8 @@ def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_v
             log.exclude(_synced_time(state) - tic)
             compiled.add(detailed)
         log.flush()  # earlier rows: their fetch overlaps this step's compute
+        if log.consecutive_skips >= tc.max_consecutive_nonfinite:
+            stop_after_nonfinite(run, state, step, log.consecutive_skips)
         interval = aggregation.accumulate(interval, {k: metrics[k] for k in names})
         if _every(step, tc.logging_steps, tc.num_steps):
             log.defer(step, interval, True)
@@ -366,6 +370,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | 
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def stop_after_nonfinite(run: Run, state: step_lib.TrainState, step: int, skips: int) -> None:
+    """Saves the state (whose parameters are the last good ones: skipped steps leave them
+    unchanged) and stops: a run whose every batch diverges is not going to recover."""
+    run.checkpointer.save(step, state, run.data.train_iterator)
+    run.checkpointer.wait_until_finished()
+    raise TrainingError(
+        f"stopped at step {step} after {skips} consecutive non-finite losses or gradients "
+        f"(training.max_consecutive_nonfinite); the last good parameters are in checkpoint {step}: "
+        "check the data and lower training.learning_rate, then resume")
 
 
 class Preemption:

@@ -11,12 +11,14 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from tdlm_jax import config as config_lib
 from tdlm_jax import sharding
 from tdlm_jax import train
-from tdlm_jax.errors import ConfigError
+from tdlm_jax.errors import ConfigError, TrainingError
+from tdlm_jax.workdir import load_trained
 from tdlm_jax.metrics.writers import read_jsonl, read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -143,19 +145,25 @@ def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path):
             assert g[k] == pytest.approx(e[k], rel=1e-6, abs=1e-7, nan_ok=True), k
 
 
-def test_a_nan_batch_is_skipped_alerted_and_training_goes_on(tmp_path, monkeypatch):
-    """Poison the third training batch: the run finishes, counts the skip, and raises the alert."""
-    config = tiny_config()
+def poison_training_batches(monkeypatch, config, first: int, last: int) -> None:
+    """Makes training batches first..last (1-based) carry an id outside the vocabulary,
+    which embeds as NaN: a corrupt batch."""
     real_global_batch, calls = sharding.global_batch, itertools.count(1)
-    poisoned_call = config.data.num_eval_batches + 3  # validation batches are placed first
+    offset = config.data.num_eval_batches  # validation batches are placed first
 
     def poisoned(local_batch, mesh):
-        if next(calls) == poisoned_call:
+        if first <= next(calls) - offset <= last:
             local_batch = {**local_batch, "tokens": local_batch["tokens"].copy()}
-            local_batch["tokens"][0, 0] = 10_000  # outside the vocabulary: embeds as NaN
+            local_batch["tokens"][0, 0] = 10_000
         return real_global_batch(local_batch, mesh)
 
     monkeypatch.setattr(sharding, "global_batch", poisoned)
+
+
+def test_a_nan_batch_is_skipped_alerted_and_training_goes_on(tmp_path, monkeypatch):
+    """Poison the third training batch: the run finishes, counts the skip, and raises the alert."""
+    config = tiny_config()
+    poison_training_batches(monkeypatch, config, 3, 3)
     summary = train.train(config, str(tmp_path))
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     skipped = {r["step"]: r["train/skipped_steps"] for r in rows if "train/skipped_steps" in r}
@@ -168,3 +176,14 @@ def test_a_nan_batch_is_skipped_alerted_and_training_goes_on(tmp_path, monkeypat
               if a["rule"] == "non_finite_training"]
     assert alerts == [(4, "start"), (6, "clear")]
     assert summary["alerts/starts/non_finite_training"] == 1
+
+
+def test_too_many_consecutive_nonfinite_steps_stop_with_the_last_good_state(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.training.max_consecutive_nonfinite = 3
+    poison_training_batches(monkeypatch, config, 3, 10**6)
+    with pytest.raises(TrainingError, match="after 4 consecutive non-finite"):
+        train.train(config, str(tmp_path))  # seen at the step-6 log (4 skips), acted on at step 7
+    stop, before = load_trained(str(tmp_path), step=7), load_trained(str(tmp_path), step=4)
+    for a, b in zip(jax.tree.leaves(stop.params), jax.tree.leaves(before.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # steps 3-7 changed nothing

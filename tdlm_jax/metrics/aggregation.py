@@ -20,11 +20,12 @@ import numpy as np
 
 from tdlm_jax.metrics.research import BUCKETS
 
-TRAIN_NAMES = ("train/loss", "train/learning_rate", "train/grad_norm", "train/skipped_steps")
+TRAIN_NAMES = ("train/loss", "train/learning_rate", "train/grad_norm", "train/skipped_steps",
+               "train/consecutive_skipped_steps")
 TIER1_NAMES = TRAIN_NAMES + ("metrics/mask_accuracy", "metrics/total_masked_tokens", "metrics/valid_ratio")
 
 # Running totals: an interval reports their latest value, not a mean.
-CUMULATIVE = frozenset(["train/skipped_steps"])
+CUMULATIVE = frozenset(["train/skipped_steps", "train/consecutive_skipped_steps"])
 
 UNDEFINED_WHEN_EMPTY = frozenset(
     ["metrics/mask_accuracy", "metrics/valid_ratio",
