@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging as logging_std
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -39,6 +40,49 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", stem)
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a one-line error for a bad override instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # a value of the wrong type, a malformed flag
+        _fail(f"config error: {e}")
+    except (AttributeError, KeyError) as e:  # an override of a key the config does not have
+        text = str(e).replace("\\n", " ").replace("\n", " ")
+        flag = next((a for a in argv if a.startswith("--config.")), "an override")
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        suggestion = f" (did you mean {hint.group(1)}?)" if hint else ""
+        _fail(f"config error: {flag.split('=')[0]} names a key the config does not have{suggestion}; "
+              "configs/base.py lists every key")
+    except (SyntaxError, ImportError) as e:  # the --config file itself does not run
+        _fail_config_file(next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?"), e)
+    return argv  # not reached
+
+
+def load_config():
+    """The parsed config; a missing or broken config file is a one-line error, not a traceback."""
+    try:
+        config = _CONFIG.value
+        config.keys()  # a failed load surfaces at the first access, not at `.value`
+        return config
+    except Exception as e:  # config_flags defers a failed load of the file to this access
+        _fail_config_file(config_flags.get_config_filename(flags.FLAGS["config"]), e)
+
+
+def _fail_config_file(path: str, error: BaseException) -> None:
+    root = error
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    lines = str(root).splitlines() or [""]
+    reason = next((line.strip() for line in lines if "Errno" in line), lines[0])
+    _fail(f"config file {path!r} could not be loaded ({type(root).__name__}: {reason}): "
+          "pass --config=configs/base.py or another file that defines get_config()")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -46,12 +90,12 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_OnlyOurInfo())
     from tdlm_jax import train  # after flag parsing: importing JAX is slow and --help should not wait
 
+    config = load_config()
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
-        summary = train.train(_CONFIG.value, workdir)
+        summary = train.train(config, workdir)
     except TdlmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     if "preempted_at_step" in summary:
         logging.warning("preempted at step %d; checkpoint saved in %s; run the same command to resume",
                         summary["preempted_at_step"], workdir)
@@ -60,4 +104,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -404,8 +404,16 @@ class Preemption:
         self.requested = True
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints")
+
+
 def ensure_writable(workdir: str) -> None:
-    """A clear error now, rather than a traceback at the first checkpoint or metric write."""
+    """A clear error now, rather than a traceback at the first checkpoint or metric write,
+    and never a run written into a directory that holds something else (e.g. --workdir=.)."""
+    if os.path.isdir(workdir) and os.listdir(workdir) and not any(
+            os.path.exists(os.path.join(workdir, name)) for name in RUN_FILES):
+        raise CheckpointError(f"workdir {workdir} holds other files and no tdlm_jax run: pass a new or empty "
+                              "--workdir (the default is runs/<config name>)")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, ".write_test")

@@ -118,3 +118,27 @@ def test_sigterm_saves_a_checkpoint_exits_zero_and_the_restart_resumes(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {saved[0]}" in resumed.stderr
     assert json.loads((workdir / "summary.json").read_text())["summary/total_steps"] == saved[0] + 2
+
+
+def test_a_workdir_holding_other_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("someone else's work")
+    with pytest.raises(CheckpointError, match="holds other files"):
+        train.train(tiny_config(), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/missing.py"], "config file 'configs/missing.py' could not be loaded (OSError: [Errno 2]"),
+    (["--config=README.md"], "config file 'README.md' could not be loaded (SyntaxError"),
+    ([f"--config={TINY}", "--config.training.num_step=5"],
+     "--config.training.num_step names a key the config does not have (did you mean num_steps?)"),
+    ([f"--config={TINY}", "--config.training.num_steps=many"], "--config.training.num_steps=many: invalid literal"),
+])
+def test_hostile_command_lines_get_one_line_errors(args, expected, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tdlm_jax.main", *args, f"--workdir={tmp_path / 'run'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # exactly one line
+    assert result.stderr.startswith("error: ") and expected in result.stderr
+    assert not (tmp_path / "run").exists()
