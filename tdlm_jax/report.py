@@ -355,7 +355,8 @@ def tier_sections(history: History, alerts: Sequence[Mapping[str, Any]],
 
     sections = [(title, plots(tier_metrics(history, prefixes)), _interval_note(config, key))
                 for title, prefixes, key in TIERS]
-    known = ("summary/", *(prefix for _, prefixes, _ in TIERS for prefix in prefixes))
+    # summary/* and the summary's alert counts (alerts/*) are in the summary table, not plots.
+    known = ("summary/", "alerts/", *(prefix for _, prefixes, _ in TIERS for prefix in prefixes))
     others = [name for name in history if not name.startswith(known)]
     if others:
         sections.append(("Other metrics", plots(others), ""))
