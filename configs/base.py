@@ -12,10 +12,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # parameters, data order and diffusion noise all derive from it
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "shakespeare"  # 'shakespeare' (built in) or a path/glob of UTF-8 text files
-    config.data.tokenizer = "byte"  # 256 byte ids + [MASK] + [PAD]
+    # 'shakespeare' (built in, one document) or a path/glob of .txt, .jsonl or .parquet files.
+    config.data.source = "shakespeare"
+    config.data.txt_documents = "file"  # .txt files: one document per 'file' or per blank-line 'paragraph'
+    config.data.text_field = "text"  # the JSONL field / Parquet column holding each document's text
+    # 'byte' (256 bytes + EOS, [MASK], [PAD]), 'gpt2', 'bpe:<vocab_size>' (trained on the training text,
+    # kept in <workdir>/tokenizer.json), 'hf:<path to tokenizer.json>' or 'sentencepiece:<path to .model>'.
+    config.data.tokenizer = "byte"
+    # Documents end in EOS; 'wrap' cuts their concatenation into seq_len windows, 'pad' gives each
+    # document its own window (truncated, then padded with [PAD], which is never scored).
+    config.data.packing = "wrap"
     config.data.seq_len = 128
-    config.data.val_fraction = 0.05  # the last 5% of the text is held out for validation
+    config.data.val_fraction = 0.05  # held out: the last 5% of the documents, or of the tokens of a single one
     config.data.eval_batch_size = 32
     config.data.num_eval_batches = 8  # fixed validation batches, the same at every eval
 

@@ -10,6 +10,7 @@ batch shapes (random tokens; only shapes matter for speed):
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
@@ -21,6 +22,7 @@ from tdlm_jax import config as config_lib
 from tdlm_jax import sharding
 from tdlm_jax import step as step_lib
 from tdlm_jax.data.tokenizer import get_tokenizer
+from tdlm_jax.errors import TdlmError
 from tdlm_jax.train import build_model_and_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Config whose shapes to benchmark.")
@@ -50,7 +52,15 @@ def time_variants(variants: dict, state, batch, steps: int, repeats: int) -> dic
 
 def main(argv: list[str]) -> None:
     del argv
-    config = _CONFIG.value
+    try:
+        run_benchmark(_CONFIG.value)
+    except TdlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_benchmark(config) -> None:
+    """Times the bare, ordinary and detailed steps of `config` and prints the ratios."""
     config_lib.validate(config, num_devices=jax.device_count())
     mesh = sharding.make_mesh()
     tok = get_tokenizer(config.data.tokenizer)

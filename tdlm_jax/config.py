@@ -14,6 +14,9 @@ import ml_collections
 
 from tdlm_jax.diffusion.corruption import LOSS_WEIGHTINGS, TIME_SAMPLING, ForwardProcess
 from tdlm_jax.diffusion.schedules import SCHEDULES, Schedule
+from tdlm_jax.data import tokenizer as tokenizer_lib
+from tdlm_jax.data.documents import TXT_DOCUMENTS
+from tdlm_jax.data.pipeline import PACKINGS
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.generation import SAMPLERS
 from tdlm_jax.metrics.health import thresholds_from_config
@@ -21,7 +24,7 @@ from tdlm_jax.model.transformer import ModelConfig
 from tdlm_jax.optim import DECAY_SCHEDULES
 from tdlm_jax.step import OBJECTIVES
 
-TOKENIZERS = ("byte",)
+TOKENIZERS = tokenizer_lib.KINDS  # the forms data.tokenizer may take; parse_name checks one
 DTYPES = ("float32", "bfloat16")
 POSITIVE_INTS = (
     "data.seq_len", "data.eval_batch_size", "data.num_eval_batches",
@@ -33,7 +36,8 @@ POSITIVE_INTS = (
 )
 CHOICES = {
     "model.kind": OBJECTIVES,
-    "data.tokenizer": TOKENIZERS,
+    "data.packing": PACKINGS,
+    "data.txt_documents": TXT_DOCUMENTS,
     "model.dtype": DTYPES,
     "diffusion.schedule": SCHEDULES,
     "diffusion.time_sampling": TIME_SAMPLING,
@@ -78,6 +82,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         _require(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
+    _validate_data(config)
     source = _get(config, "data.source")
     _require(isinstance(source, str) and source.strip() != "", "data.source", source,
              "must be 'shakespeare' or a path or glob of text files")
@@ -111,6 +116,21 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
         for count, what in ((num_devices, "devices"), (process_count, "processes")):
             _require(size % count == 0, key, size,
                      f"does not divide over {count} {what}: use a multiple of {count}")
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+    """The data.* checks that are not plain choices or positive integers."""
+    name = _get(config, "data.tokenizer")
+    try:
+        tokenizer_lib.parse_name(name)
+    except ValueError as e:
+        _require(False, "data.tokenizer", name, str(e))
+    field = _get(config, "data.text_field")
+    _require(isinstance(field, str) and bool(field), "data.text_field", field,
+             "must be the non-empty name of the JSONL field / Parquet column holding the text")
+    source = _get(config, "data.source")
+    _require(isinstance(source, str) and bool(source.strip()), "data.source", source,
+             "must be 'shakespeare' or a path or glob of .txt, .jsonl or .parquet files")
 
 
 def _valid_edges(edges: Any) -> bool:

@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 
 from tdlm_jax import config as config_lib
 from tdlm_jax import sharding
-from tdlm_jax.data import pipeline, sources
+from tdlm_jax.data import dataset
 from tdlm_jax.diffusion.corruption import ForwardProcess, corrupt_at_times
 from tdlm_jax.diffusion.loss import correct_predictions, weighted_token_losses
 from tdlm_jax.errors import ConfigError, DataError
@@ -71,10 +71,7 @@ def split_windows(config, tokenizer, split: str, max_sequences: int | None = Non
         raise ConfigError(f"--split={split!r}: must be one of {', '.join(SPLITS)}")
     if max_sequences is not None and max_sequences < 1:
         raise ConfigError(f"--max_sequences={max_sequences}: must be a positive integer (leave it out for all)")
-    tokens = tokenizer.encode(sources.load_text(config.data.source))
-    train_tokens, val_tokens = sources.split_train_val(tokens, config.data.val_fraction, config.data.seq_len)
-    tokens_NxL, valid_NxL = pipeline.windows(val_tokens if split == "val" else train_tokens,
-                                             config.data.seq_len, tokenizer.pad_id)
+    tokens_NxL, valid_NxL = dataset.split_windows(config.data, tokenizer)[split]
     if max_sequences:
         tokens_NxL, valid_NxL = tokens_NxL[:max_sequences], valid_NxL[:max_sequences]
     return tokens_NxL, valid_NxL

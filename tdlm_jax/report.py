@@ -87,7 +87,7 @@ Y_INCLUDE = {"metrics/valid_ratio": (0.9, 1.0)}
 
 # Line colours: tab10 without its red, which marks alerts and non-finite values.
 _RED = "#d62728"
-_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +206,7 @@ def alerts_for(panel: Panel, alerts: Sequence[Mapping[str, Any]]) -> list[Mappin
 # --- plotting ---------------------------------------------------------------------------
 
 
-def _png_base64(fig: Figure) -> str:
+def png_base64(fig: Figure) -> str:
     buffer = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -235,7 +235,7 @@ def _draw_series(ax: Any, panel: Panel, history: History) -> bool:
     non_finite: list[int] = []
     n = len(panel.series)
     # Many layers: a colormap, so that layer 0 and layer 8 do not share a colour.
-    colors = _COLORS if n <= len(_COLORS) else [colormaps["viridis"](i / (n - 1)) for i in range(n)]
+    colors = COLORS if n <= len(COLORS) else [colormaps["viridis"](i / (n - 1)) for i in range(n)]
     for color, (name, label) in zip(colors, panel.series):
         pts = verdicts.points(history, name)
         non_finite += [s for s, v in pts if not math.isfinite(v)]
@@ -293,7 +293,7 @@ def plot_panel(panel: Panel, history: History, alerts: Sequence[Mapping[str, Any
         # Above the axes: inside, even loc="best" covered points of the sparse tier-2 lines.
         ax.legend(handles, labels, fontsize=7, loc="lower left", bbox_to_anchor=(0.0, 1.0),
                   ncol=min(len(labels), 4), frameon=False, borderaxespad=0.2, handlelength=1.5)
-    return _png_base64(fig)
+    return png_base64(fig)
 
 
 # --- the page ---------------------------------------------------------------------------

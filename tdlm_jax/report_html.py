@@ -16,7 +16,7 @@ from typing import Any
 
 from tdlm_jax import report_verdicts as verdicts
 
-_CSS = """
+CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
        color: #222; max-width: 1500px; }
 h1 { margin-bottom: 4px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
@@ -190,7 +190,7 @@ def render_page(*, workdir: str, generated: str, status: str, notes: Sequence[st
     nav = " · ".join(f'<a href="#{slug(t)}">{escape(t)}</a>' for t, _, _ in tiers)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tdlm_jax report: {escape(workdir)}</title>
-<style>{_CSS}</style></head><body>
+<style>{CSS}</style></head><body>
 <h1>tdlm_jax run report</h1>
 <p class="meta"><b>{escape(workdir)}</b> · {escape(status)} · generated {escape(generated)}</p>
 <p class="meta">Jump to: <a href="#verdicts">verdicts</a> · <a href="#summary">summary</a> ·

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 
 from tdlm_jax.errors import ConfigError, TdlmError
-from tdlm_jax.data.tokenizer import get_tokenizer
+from tdlm_jax.data.dataset import load_tokenizer
 from tdlm_jax.generation import SAMPLERS, format_samples, make_template, resolve_sampler, sample_texts
 from tdlm_jax.workdir import load_config, load_trained
 
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         # Check the request against the run's config before the slow restore.
         resolve_sampler(_SAMPLER.value)
         config = load_config(_WORKDIR.value)
-        tok = get_tokenizer(config.data.tokenizer)
+        tok = load_tokenizer(_WORKDIR.value, config.data.tokenizer)
         length = config.data.seq_len if _LENGTH.value is None else _LENGTH.value
         make_template(tok.encode(_PROMPT.value), length, 1, tok.mask_id)
         trained = load_trained(_WORKDIR.value)

@@ -33,7 +33,7 @@ from tdlm_jax import checkpoint, generation, sharding
 from tdlm_jax import config as config_lib
 from tdlm_jax import optim
 from tdlm_jax import step as step_lib
-from tdlm_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+from tdlm_jax.data import dataset, pipeline, tokenizer as tokenizer_lib
 from tdlm_jax.errors import CheckpointError, ConfigError, TrainingError
 from tdlm_jax.metrics import aggregation, health, writers
 from tdlm_jax.model.transformer import Denoiser
@@ -48,16 +48,16 @@ class Data:
     eval_batches: list[dict[str, jax.Array]]
 
 
-def build_data(config: ml_collections.ConfigDict, tok: tokenizer_lib.ByteTokenizer, mesh) -> Data:
-    tokens = tok.encode(sources.load_text(config.data.source))
-    train_tokens, val_tokens = sources.split_train_val(tokens, config.data.val_fraction, config.data.seq_len)
-    train_iterator = pipeline.make_train_iterator(
-        train_tokens, seq_len=config.data.seq_len, global_batch_size=config.training.batch_size,
-        seed=config.seed, pad_id=tok.pad_id, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    eval_batches = pipeline.make_eval_batches(
-        val_tokens, seq_len=config.data.seq_len, batch_size=config.data.eval_batch_size,
-        num_batches=config.data.num_eval_batches, pad_id=tok.pad_id)
+def build_data(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, mesh) -> Data:
+    """Loads, splits, tokenizes and packs `data.source` (see tdlm_jax.data.dataset)."""
+    splits = dataset.split_windows(config.data, tok)
+    dataset.check_enough_for_a_batch(splits["train"], config.training.batch_size, config.data.seq_len)
+    train_iterator = pipeline.train_iterator_from_windows(
+        *splits["train"], global_batch_size=config.training.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    eval_batches = pipeline.eval_batches_from_windows(
+        *splits["val"], batch_size=config.data.eval_batch_size, num_batches=config.data.num_eval_batches,
+        pad_id=tok.pad_id)
     # Every host builds the same fixed validation batches; each feeds its own rows.
     rows = config.data.eval_batch_size // jax.process_count()
     first = jax.process_index() * rows
@@ -115,7 +115,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Validates the config, builds data, model and steps, and restores the latest checkpoint."""
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     mesh = sharding.make_mesh()
-    tok = tokenizer_lib.get_tokenizer(config.data.tokenizer)
+    tok = dataset.build_tokenizer(config.data, workdir)  # bpe:<n> trains (or reloads) it in the workdir
     data = build_data(config, tok, mesh)
     tc = config.training
     graphdef, params, optimizer, lr_schedule = build_model_and_optimizer(config, tok)
@@ -171,8 +171,8 @@ def restore_latest_usable(checkpointer: checkpoint.Checkpointer, state: step_lib
 # Keys a resumed run may not change: they define the parameters' shapes or what the data
 # iterator's saved position means. Everything else (steps, frequencies, learning rate,
 # evaluation, logging) may change, and the changes are logged.
-STRUCTURAL_KEYS = ("model.", "data.source", "data.tokenizer", "data.seq_len", "data.val_fraction",
-                   "training.batch_size", "seed")
+STRUCTURAL_KEYS = ("model.", "data.", "training.batch_size", "seed")
+EVALUATION_KEYS = ("data.eval_batch_size", "data.num_eval_batches")  # data keys that may change
 
 
 def check_config_change(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -189,7 +189,7 @@ def check_config_change(config: ml_collections.ConfigDict, workdir: str) -> None
     if not changed:
         return
     described = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-    structural = [k for k in changed if k.startswith(STRUCTURAL_KEYS)]
+    structural = [k for k in changed if k.startswith(STRUCTURAL_KEYS) and k not in EVALUATION_KEYS]
     if structural and not config.training.get("allow_config_change", False):
         raise ConfigError(f"config error: resuming {workdir} with a different {', '.join(structural)} "
                           f"({described}): use a new --workdir, or --config.training.allow_config_change=true")
@@ -404,7 +404,7 @@ class Preemption:
         self.requested = True
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "tokenizer_info.json")  # the last: written first
 
 
 def ensure_writable(workdir: str) -> None:

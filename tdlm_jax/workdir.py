@@ -13,7 +13,7 @@ from flax import nnx
 
 from tdlm_jax import checkpoint, sharding
 from tdlm_jax import step as step_lib
-from tdlm_jax.data import tokenizer as tokenizer_lib
+from tdlm_jax.data import dataset, tokenizer as tokenizer_lib
 from tdlm_jax.errors import CheckpointError
 
 
@@ -22,7 +22,7 @@ class TrainedModel:
     """A run's config, tokenizer and restored parameters (replicated over all devices)."""
 
     config: ml_collections.ConfigDict
-    tokenizer: tokenizer_lib.ByteTokenizer
+    tokenizer: tokenizer_lib.Tokenizer
     graphdef: nnx.GraphDef
     params: Any
     step: int
@@ -45,7 +45,8 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedModel:
     from tdlm_jax.train import build_model_and_optimizer  # train imports much; only loaders need it
 
     config = load_config(workdir)
-    tok = tokenizer_lib.get_tokenizer(config.data.tokenizer)
+    # The tokenizer the run recorded (bpe:<n> reloads the one it trained), checked against tokenizer_info.json.
+    tok = dataset.load_tokenizer(workdir, config.data.tokenizer)
     graphdef, params, optimizer, _ = build_model_and_optimizer(config, tok)
     replicated = sharding.replicated(sharding.make_mesh())
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

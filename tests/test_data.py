@@ -1,14 +1,20 @@
 """Tests for tdlm_jax.data: tokenizer, text sources, windows and batch pipelines."""
 
+import json
+import logging
+import pathlib
+import runpy
+
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tdlm_jax.data import pipeline, sources, tokenizer
+from tdlm_jax.data import dataset, documents, pipeline, sources, tokenizer
 from tdlm_jax.errors import DataError
 
 PAD = 257
+base_config = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "configs" / "base.py"))["get_config"]
 
 
 def _take(it, n):
@@ -31,7 +37,8 @@ def _train_iter(tokens, **overrides):
 
 def test_byte_tokenizer_ids_and_round_trip():
     tok = tokenizer.get_tokenizer("byte")
-    assert (tok.mask_id, tok.pad_id, tok.vocab_size, tok.text_vocab_size) == (256, 257, 258, 256)
+    # Text ids, then EOS (predictable), then [MASK] and [PAD] (never predicted).
+    assert (tok.eos_id, tok.mask_id, tok.pad_id, tok.vocab_size, tok.text_vocab_size) == (256, 257, 258, 259, 257)
     text = "To be, or not to be — ça va?"
     ids = tok.encode(text)
     assert ids.dtype == np.int32 and ids.max() < 256
@@ -43,13 +50,15 @@ def test_byte_tokenizer_decode_specials_and_invalid_utf8():
     ids = list(tok.encode("ab")) + [tok.mask_id] + list(tok.encode("c")) + [tok.pad_id] * 3
     assert tok.decode(ids) == "ab_c"
     assert tok.decode(ids, mask_str="[M]") == "ab[M]c"
+    assert tok.decode(list(tok.encode("x")) + [tok.eos_id]) == "x<|endoftext|>"
     # A multi-byte character cut in half decodes to U+FFFD instead of failing.
     assert tok.decode(tok.encode("é")[:1]) == "\ufffd"
 
 
 def test_unknown_tokenizer_names_allowed():
-    with pytest.raises(DataError, match="'byte'"):
-        tokenizer.get_tokenizer("gpt2")
+    for name in ("word", "bpe:12", "bpe:x", "hf:"):
+        with pytest.raises(DataError, match="--config.data.tokenizer.*byte, gpt2, bpe:<vocab_size>"):
+            tokenizer.get_tokenizer(name)
 
 
 # ------------------------------------------------------------------- sources
@@ -221,3 +230,124 @@ def test_eval_batches_limit_and_shortfall():
     assert len(one) == 1 and one[0]["valid"].all()
     many = pipeline.make_eval_batches(tokens, seq_len=8, batch_size=8, num_batches=10, pad_id=PAD)
     assert len(many) == 3 and many[2]["valid"].sum() == 4 * 8
+
+
+# ------------------------------------------------------- documents (file formats)
+
+
+def _write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+
+
+def test_txt_documents_per_file_and_per_paragraph(tmp_path):
+    (tmp_path / "a.txt").write_text("one\ntwo\n\n\nthree\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("four\n", encoding="utf-8")
+    pattern = str(tmp_path / "*.txt")
+    assert documents.load_documents(pattern) == ["one\ntwo\n\n\nthree\n", "four\n"]
+    assert documents.load_documents(pattern, txt_documents="paragraph") == ["one\ntwo", "three", "four"]
+
+
+def test_jsonl_documents_field_and_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    _write_jsonl(path, [{"body": "first", "id": 1}, {"body": ""}, {"body": "second"}])
+    with open(path, "a") as f:
+        f.write("\n")
+    assert documents.load_documents(str(path), text_field="body") == ["first", "second"]
+
+
+def test_parquet_documents(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha", None, "beta"], "n": [1, 2, 3]}), tmp_path / "d.parquet")
+    assert documents.load_documents(str(tmp_path / "*.parquet")) == ["alpha", "beta"]
+    with pytest.raises(DataError, match="no column 'body'.*--config.data.text_field"):
+        documents.load_documents(str(tmp_path / "d.parquet"), text_field="body")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="bad.parquet.*not a readable Parquet"):
+        documents.load_documents(str(tmp_path / "bad.parquet"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n{"text": broken\n', r"line 2 is not JSON"),
+    ('{"text": "ok"}\n\n{"body": "x"}\n', r"line 3 has no string field 'text'.*--config.data.text_field"),
+    ('["text"]\n', r"line 1 has no string field"),
+    ("", r"is empty"),
+    ('{"text": "  "}\n', r"is empty"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message) as info:
+        documents.load_documents(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path, caplog):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café \ufffd ".encode("utf-8") + b"na\xefve \xff")
+    with caplog.at_level(logging.WARNING):
+        docs = documents.load_documents(str(path))
+    assert docs == ["café \ufffd na\ufffdve \ufffd"]
+    assert "2 invalid UTF-8" in caplog.text  # the U+FFFD already in the file is not counted
+
+
+def test_no_match_names_the_glob(tmp_path):
+    with pytest.raises(DataError, match=r"matches no file.*--config.data.source"):
+        documents.load_documents(str(tmp_path / "*.jsonl"))
+
+
+# ------------------------------------------------------- split, tokenize, pack
+
+
+def _data_config(source, **overrides):
+    data = base_config().data
+    data.update(dict(source=source, seq_len=8, val_fraction=0.25, **overrides))
+    return data
+
+
+def test_split_documents_holds_out_the_last_ones():
+    docs = [f"d{i}" for i in range(10)]
+    assert dataset.split_documents(docs, 0.2) == (docs[:8], docs[8:])
+    assert dataset.split_documents(docs[:2], 0.01) == (["d0"], ["d1"])  # at least one each
+    with pytest.raises(DataError, match="1 documents.*--config.data.val_fraction"):
+        dataset.split_documents(["only"], 0.5)
+
+
+def test_pad_packing_one_document_per_window(tmp_path):
+    _write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in ["ab", "a much longer doc", "c", "dd"]])
+    tok = tokenizer.ByteTokenizer()
+    splits = dataset.split_windows(_data_config(str(tmp_path / "d.jsonl"), packing="pad"), tok)
+    tokens, valid = splits["train"]
+    assert tokens.shape == (3, 8)
+    np.testing.assert_array_equal(tokens[0], [97, 98, tok.eos_id] + [tok.pad_id] * 5)
+    np.testing.assert_array_equal(valid[0], [True] * 3 + [False] * 5)
+    assert valid[1].all() and tok.decode(tokens[1]) == "a much l"  # truncated to seq_len
+    assert ((tokens == tok.pad_id) == ~valid).all()
+    assert tok.decode(splits["val"][0][0]) == "dd<|endoftext|>"
+
+
+def test_wrap_packing_crosses_document_boundaries(tmp_path):
+    _write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in ["abc", "defgh", "ij", "k"]])
+    tok = tokenizer.ByteTokenizer()
+    tokens, valid = dataset.split_windows(_data_config(str(tmp_path / "d.jsonl")), tok)["train"]
+    assert tok.decode(tokens.reshape(-1)) == "abc<|endoftext|>defgh<|endoftext|>ij<|endoftext|>"
+    assert tokens.shape == (2, 8) and valid.sum() == 4 + 6 + 3
+
+
+def test_single_document_split_by_tokens_like_before():
+    """Shakespeare stays one document split by tokens, as base.py's results assume."""
+    data = base_config().data
+    tok = tokenizer.ByteTokenizer()
+    train, val = dataset.split_windows(data, tok).values()
+    stream = np.concatenate([tok.encode(sources.load_text("shakespeare")), [tok.eos_id]])
+    num_val = int(round(stream.size * data.val_fraction))
+    np.testing.assert_array_equal(train[0].reshape(-1)[: stream.size - num_val], stream[:-num_val])
+    np.testing.assert_array_equal(val[0][0], stream[-num_val:][: data.seq_len])
+
+
+def test_corpus_smaller_than_a_batch_is_refused(tmp_path):
+    _write_jsonl(tmp_path / "d.jsonl", [{"text": "tiny"}, {"text": "val"}])
+    splits = dataset.split_windows(_data_config(str(tmp_path / "d.jsonl")), tokenizer.ByteTokenizer())
+    with pytest.raises(DataError, match=r"1 windows.*fewer than one batch of 8.*batch_size"):
+        dataset.check_enough_for_a_batch(splits["train"], 8, 8)

@@ -44,6 +44,35 @@ def windows(tokens: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, 
     return padded.reshape(num_windows, seq_len), valid.reshape(num_windows, seq_len)
 
 
+PACKINGS = ("wrap", "pad")
+
+
+def pack(docs: list[np.ndarray], seq_len: int, pad_id: int, packing: str) -> tuple[np.ndarray, np.ndarray]:
+    """Turns tokenized documents (each already ending in EOS) into windows.
+
+    `wrap` concatenates the documents and cuts the stream into `seq_len` windows across
+    document boundaries (only the last window is padded). `pad` puts each document in a
+    window of its own, truncated to `seq_len` and padded with `pad_id` (valid=False), so
+    no window mixes documents, at the cost of padding that shows in metrics/valid_ratio.
+
+    Returns:
+        (tokens_NxL int32, valid_NxL bool).
+    """
+    if packing not in PACKINGS:
+        raise DataError(f"data.packing={packing!r}: set --config.data.packing to one of {', '.join(PACKINGS)}")
+    if packing == "wrap":
+        stream = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+        return windows(stream, seq_len, pad_id)
+    _check_positive("seq_len", seq_len, "--config.data.seq_len")
+    tokens_nxl = np.full((len(docs), seq_len), pad_id, dtype=np.int32)
+    valid_nxl = np.zeros((len(docs), seq_len), dtype=bool)
+    for row, doc in enumerate(docs):
+        n = min(len(doc), seq_len)
+        tokens_nxl[row, :n] = doc[:n]
+        valid_nxl[row, :n] = True
+    return tokens_nxl, valid_nxl
+
+
 def make_train_iterator(
     tokens: np.ndarray,
     *,
@@ -80,10 +109,24 @@ def make_train_iterator(
         DataError: on an empty stream, a non-positive size, a negative seed, or a
             global_batch_size not divisible by process_count.
     """
+    tokens_nxl, valid_nxl = windows(tokens, seq_len, pad_id)
+    return train_iterator_from_windows(tokens_nxl, valid_nxl, global_batch_size=global_batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count)
+
+
+def train_iterator_from_windows(
+    tokens_nxl: np.ndarray,
+    valid_nxl: np.ndarray,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """`make_train_iterator` over windows already cut (e.g. by `pack`)."""
     local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}: set --config.seed")
-    tokens_nxl, valid_nxl = windows(tokens, seq_len, pad_id)
     if len(tokens_nxl) == 0:
         raise DataError(
             "the training token stream is empty: set --config.data.source to a non-empty text"
@@ -118,13 +161,25 @@ def make_eval_batches(
     Returns:
         A list of {"tokens": int32[batch_size, L], "valid": bool[batch_size, L]}.
     """
+    return eval_batches_from_windows(*windows(tokens, seq_len, pad_id), batch_size=batch_size,
+                                     num_batches=num_batches, pad_id=pad_id)
+
+
+def eval_batches_from_windows(
+    tokens_nxl: np.ndarray,
+    valid_nxl: np.ndarray,
+    *,
+    batch_size: int,
+    num_batches: int | None,
+    pad_id: int,
+) -> list[Batch]:
+    """`make_eval_batches` over windows already cut (e.g. by `pack`)."""
     _check_positive("batch_size", batch_size, "--config.data.eval_batch_size")
     if num_batches is not None and num_batches < 0:
         raise DataError(
             f"num_batches must be >= 0 (0 means all), got {num_batches}: "
             "set --config.data.num_eval_batches"
         )
-    tokens_nxl, valid_nxl = windows(tokens, seq_len, pad_id)
     if num_batches:
         tokens_nxl = tokens_nxl[: num_batches * batch_size]
         valid_nxl = valid_nxl[: num_batches * batch_size]

