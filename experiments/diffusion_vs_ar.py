@@ -10,17 +10,12 @@ points log no diffusion metrics (— in the comparison). Full size (base.py's 12
 
 from typing import Any
 
+from tdlm_jax import sweep
+
 BASE_CONFIG = "configs/base.py"
 
 # 4 points × 300 steps: about 10 minutes on 2 idle CPU cores.
-CPU_OVERRIDES: dict[str, Any] = {
-    "training.num_steps": 300,
-    "training.eval_every_n_steps": 50,
-    "training.logging_steps": 50,
-    "training.detailed_metrics_steps": 100,
-    "training.checkpoint_every_n_steps": 100,
-    "sampling.num_samples_at_eval": 0,
-}
+CPU_OVERRIDES: dict[str, Any] = {**sweep.CPU_SIZE}
 
 KINDS = ("diffusion", "ar")
 SEEDS = (0, 1)

@@ -8,20 +8,15 @@ steps): `python -m tdlm_jax.sweep experiments/loss_weighting.py --size=full
 
 from typing import Any
 
+from tdlm_jax import sweep
+
 BASE_CONFIG = "configs/base.py"
 
 # About 2 minutes a point on 2 idle CPU cores (base.py: ~0.4 s/step), 6 points ≈ 13 minutes;
 # measured 22 minutes on 2 cores shared with other jobs.
 # Research metrics every 100 steps, since base.py's 500 would never fire in 300 steps;
 # samples at eval are off because nothing here compares them.
-CPU_OVERRIDES: dict[str, Any] = {
-    "training.num_steps": 300,
-    "training.eval_every_n_steps": 50,
-    "training.logging_steps": 50,
-    "training.detailed_metrics_steps": 100,
-    "training.checkpoint_every_n_steps": 100,
-    "sampling.num_samples_at_eval": 0,
-}
+CPU_OVERRIDES: dict[str, Any] = {**sweep.CPU_SIZE}
 
 WEIGHTINGS = ("elbo", "uniform", "clipped")
 SEEDS = (0, 1)
