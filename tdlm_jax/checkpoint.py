@@ -40,10 +40,10 @@ def _short_reason(error: BaseException) -> str:
 
 
 def _is_abandoned_read_noise(unraisable: Any) -> bool:
-    """Whether an unraisable-exception report is debris of a failed orbax restore.
+    """Whether an unraisable-exception report is debris of a failed orbax restore or save.
 
-    When one array fails to restore, orbax abandons the reads of the other arrays on a
-    closed event loop. Their coroutines later turn GeneratorExit into an exception that
+    When one array fails to restore (or to save, e.g. on a full disk), orbax abandons the
+    I/O of the other arrays on a closed event loop. Their coroutines later turn GeneratorExit into an exception that
     dumps a page of TensorStore spec each, and tensorstore callbacks report "Event loop
     is closed"; both would bury the one-line CheckpointError.
     """
@@ -57,10 +57,11 @@ def _is_abandoned_read_noise(unraisable: Any) -> bool:
     )
 
 
-def _silence_abandoned_reads() -> None:
+def _silence_abandoned_io() -> None:
     """Drops the reports of `_is_abandoned_read_noise` from now on; others pass through.
 
-    Installed only once a restore has failed, so successful runs keep the default hook.
+    Installed with the first Checkpointer: a failed save prints this debris before its
+    error reaches us, so installing the filter after the failure would be too late.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_tdlm_abandoned_read_filter", False):
@@ -98,6 +99,7 @@ class Checkpointer:
         """
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        _silence_abandoned_io()
         self._directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             create=True,
@@ -196,7 +198,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            _silence_abandoned_reads()
+            _silence_abandoned_io()
             raise CheckpointError(
                 f"checkpoint at {self.step_directory(step)} could not be restored "
                 f"({_short_reason(e)}): delete that step directory to fall back to an "

@@ -25,10 +25,16 @@ flags.mark_flag_as_required("config")
 
 
 class _OnlyOurInfo(logging_std.Filter):
-    """Keeps INFO lines from tdlm_jax only: orbax alone logs dozens per checkpoint."""
+    """Keeps INFO lines from tdlm_jax only (orbax alone logs dozens per checkpoint), and
+    drops the stack dumps orbax's background threads log when a save fails: the failure
+    comes back as tdlm_jax's one-line CheckpointError."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
-        return record.levelno >= logging_std.WARNING or _PACKAGE_DIR in record.pathname
+        if _PACKAGE_DIR in record.pathname:
+            return True
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            return False
+        return record.levelno >= logging_std.WARNING
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -351,6 +351,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | 
     except KeyboardInterrupt:
         _save_on_interrupt(run)
         raise
+    except OSError as e:  # a full disk or a vanished workdir while writing metrics
+        _close_quietly(writer)
+        raise CheckpointError(f"could not write to {workdir} ({e.strerror or e}): free disk space or "
+                              "fix permissions, then run the same command to resume from the last "
+                              "checkpoint") from e
+    except BaseException:
+        _close_quietly(writer)  # flush what can be flushed; the error that stopped training wins
+        raise
     finally:
         run.checkpointer.close()
     if preemption.requested:
@@ -421,7 +429,15 @@ def ensure_writable(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise CheckpointError(f"workdir {workdir} is not writable ({e.strerror}): pass a --workdir you can write to")
+        raise CheckpointError(f"workdir {workdir} is not writable ({e.strerror}): free disk space or fix "
+                              "permissions, or pass another --workdir")
+
+
+def _close_quietly(writer: writers.MetricWriter) -> None:
+    try:
+        writer.close()
+    except Exception as e:  # e.g. the full disk that is already being reported
+        logging.warning("could not close the metric writers: %s", e)
 
 
 def _save_on_interrupt(run: Run) -> None:

@@ -4,6 +4,7 @@ configs, unwritable workdirs; and determinism."""
 import json
 import os
 import pathlib
+import random
 import runpy
 import shutil
 import signal
@@ -142,3 +143,68 @@ def test_hostile_command_lines_get_one_line_errors(args, expected, tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # exactly one line
     assert result.stderr.startswith("error: ") and expected in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def run_main(workdir, *overrides, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tdlm_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+                           *overrides], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_sigkill_at_a_random_moment_resumes_and_repeats_the_uninterrupted_losses(tmp_path):
+    """A real kill -9, at a random moment after the first checkpoint (during a save or not)."""
+    overrides = ["--config.training.num_steps=300", "--config.training.checkpoint_every_n_steps=25",
+                 "--config.training.logging_steps=5", "--config.training.eval_every_n_steps=25",
+                 "--config.training.detailed_metrics_steps=10", "--config.training.attention_analysis_steps=50"]
+    reference = run_main(tmp_path / "reference", *overrides)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "tdlm_jax.main", f"--config={TINY}", f"--workdir={killed}",
+                                *overrides], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "25").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 2.0))
+    process.kill()
+    process.wait()
+    resumed = run_main(killed, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert comparable_rows(killed) == comparable_rows(tmp_path / "reference")
+
+
+def test_full_disk_at_checkpoint_time_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root; this machine does not allow it")
+    try:
+        workdir = disk / "run"
+        assert run_main(workdir).returncode == 0  # checkpoints 4 and 8
+        filler = disk / "filler"
+        with open(filler, "wb") as f:  # leave ~40 KB: metric rows fit, a checkpoint does not
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            f.write(b"\0" * max(free - 40_000, 0))
+        result = run_main(workdir, "--config.training.num_steps=12")
+        assert result.returncode == 2
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "could not be written" in errors[0] and "disk space" in errors[0]
+        assert f"{os.sep}tdlm_jax{os.sep}" not in result.stderr.split(errors[0])[1]  # no stack through our code
+        filler.unlink()
+        from tdlm_jax.workdir import load_trained
+        assert load_trained(str(workdir), step=8).step == 8  # the earlier checkpoint is intact
+        assert run_main(workdir, "--config.training.num_steps=12").returncode == 0  # and resumable
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_text_file_with_one_extremely_long_line_trains(tmp_path):
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text("to be or not to be " * 200_000)  # 3.8 MB, no newline at all
+    config = tiny_config()
+    config.data.source = str(corpus)
+    config.training.num_steps = 2
+    summary = train.train(config, str(tmp_path / "run"))
+    assert summary["summary/total_steps"] == 2
