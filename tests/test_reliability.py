@@ -208,3 +208,16 @@ def test_a_text_file_with_one_extremely_long_line_trains(tmp_path):
     config.training.num_steps = 2
     summary = train.train(config, str(tmp_path / "run"))
     assert summary["summary/total_steps"] == 2
+
+
+def test_a_binary_file_given_as_text_is_refused_but_a_few_bad_bytes_are_not(tmp_path):
+    from tdlm_jax.data import sources
+    from tdlm_jax.errors import DataError
+
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(20_000)))
+    with pytest.raises(DataError, match="looks binary"):
+        sources.load_text(str(binary))
+    mostly_text = tmp_path / "scraped.txt"
+    mostly_text.write_bytes(b"a fine line of text\n" * 500 + b"\xff\xfe" + b"more text\n")
+    assert "\ufffd" in sources.load_text(str(mostly_text))  # replaced and counted, not refused

@@ -156,6 +156,11 @@ def _read_text_file(path: str) -> str:
     return text
 
 
+# A file with NUL bytes, or with more invalid UTF-8 sequences than both of these, is not text.
+BINARY_FRACTION = 0.01  # per byte
+BINARY_MIN_INVALID = 16
+
+
 def read_utf8(path: str) -> str:
     """Reads a file as UTF-8, replacing invalid bytes with U+FFFD and logging how many.
 
@@ -170,6 +175,11 @@ def read_utf8(path: str) -> str:
     text = raw.decode("utf-8", errors="replace")
     # U+FFFD characters that were already in the file are not replacements.
     replaced = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+    # A few bad bytes are a scraped corpus; NUL bytes or many bad bytes are a binary file
+    # (an archive, an array, a model) given as text, which must not be trained on silently.
+    if b"\0" in raw[:65536] or replaced > max(BINARY_MIN_INVALID, BINARY_FRACTION * len(raw)):
+        raise DataError(f"data file {path!r} looks binary, not text ({replaced} invalid UTF-8 sequences in "
+                        f"{len(raw)} bytes): {_SOURCE_FIX}")
     if replaced:
         logging.warning("data file %s: %d invalid UTF-8 sequence(s) replaced with U+FFFD", path, replaced)
     return text
