@@ -29,13 +29,20 @@ def next_token_logits(model: Callable, tokens_BxL: jax.Array, valid_BxL: jax.Arr
     return model(shift_right(tokens_BxL, start_id), shift_right(valid_BxL, True), None)
 
 
+def token_nll(graphdef: nnx.GraphDef, params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array,
+              start_id: int) -> tuple[jax.Array, jax.Array]:
+    """(−log p(token | tokens before it) at valid positions, 0 elsewhere; logits)."""
+    logits = next_token_logits(nnx.merge(graphdef, params), tokens_BxL, valid_BxL, start_id)
+    ce_BxL = token_cross_entropy(logits, jnp.where(valid_BxL, tokens_BxL, 0))
+    return jnp.where(valid_BxL, ce_BxL, 0.0), logits
+
+
 def row_losses(graphdef: nnx.GraphDef, params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array,
                start_id: int) -> tuple[jax.Array, jax.Array]:
     """Each row's NLL, summed over its valid tokens and divided by the batch's valid tokens."""
-    logits = next_token_logits(nnx.merge(graphdef, params), tokens_BxL, valid_BxL, start_id)
-    ce_BxL = token_cross_entropy(logits, jnp.where(valid_BxL, tokens_BxL, 0))
+    nll_BxL, logits = token_nll(graphdef, params, tokens_BxL, valid_BxL, start_id)
     num_valid = jnp.maximum(valid_BxL.sum(), 1).astype(jnp.float32)
-    return jnp.where(valid_BxL, ce_BxL, 0.0).sum(axis=-1) / num_valid, logits
+    return nll_BxL.sum(axis=-1) / num_valid, logits
 
 
 def nll_float64(logits_BxLxV: np.ndarray, tokens_BxL: np.ndarray, valid_BxL: np.ndarray) -> np.ndarray:

@@ -121,10 +121,9 @@ def eval_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax
     and `nelbo_sum` is the NELBO's numerator; for 'ar' it is the exact NLL's.
     """
     if objective == "ar":
-        rows_B, _ = autoregressive.row_losses(graphdef, params, tokens_BxL, valid_BxL, process.mask_id)
-        num_valid = valid_BxL.sum().astype(jnp.float32)
+        nll_BxL, _ = autoregressive.token_nll(graphdef, params, tokens_BxL, valid_BxL, process.mask_id)
         zero = jnp.zeros((), jnp.float32)
-        return {"nelbo_sum": rows_B.sum() * jnp.maximum(num_valid, 1.0), "valid_tokens": num_valid,
+        return {"nelbo_sum": nll_BxL.sum(), "valid_tokens": valid_BxL.sum().astype(jnp.float32),
                 "masked_tokens": zero, "correct_tokens": zero}
     batch = corrupt(process, rng, tokens_BxL, valid_BxL)
     logits = nnx.merge(graphdef, params)(batch.noisy_BxL, batch.valid_BxL, batch.t_B)
