@@ -35,6 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.mlp_dim = 384  # SwiGLU hidden width (≈ 8/3·d_model, rounded)
     config.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'; params stay float32
     config.model.time_conditioning = False  # masked diffusion needs no time input (MDLM, MD4)
+    # Embedding/output rows: 0 uses the tokenizer's vocabulary; a larger value pads it (e.g. 50304
+    # for GPT-2, a multiple of 128 for fast accelerator matmuls; padded ids are never predicted).
+    config.model.vocab_size = 0
+    config.model.remat = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+    # What a rematerialized block saves: 'nothing_saveable', 'dots_saveable' (keeps matmul outputs),
+    # 'dots_with_no_batch_dims_saveable' or 'everything_saveable' (jax.checkpoint_policies).
+    config.model.remat_policy = "nothing_saveable"
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.schedule = "linear"  # α(t): 'linear' (1 − t), 'cosine', 'polynomial', 'loglinear'
@@ -55,6 +62,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.adam_b1 = 0.9
     config.training.adam_b2 = 0.99
     config.training.grad_clip_norm = 1.0  # <= 0 disables clipping
+    # The global batch is split into this many microbatches whose gradients are summed inside the
+    # jitted step (same update as one big batch, 1/k of the activation memory).
+    config.training.grad_accum_steps = 1
+    # > 0 keeps an exponential moving average of the parameters (e.g. 0.9999 as in MDLM), which
+    # evaluation, samples, tdlm_jax.sample and tdlm_jax.evaluate then use. 0 turns it off.
+    config.training.ema_decay = 0.0
     # Metric tiers (see the metrics guide): tier 1, tier 2 (research), tier 3 (advanced).
     config.training.logging_steps = 100
     config.training.detailed_metrics_steps = 500
@@ -102,6 +115,13 @@ def get_config() -> ml_collections.ConfigDict:
     # as masking grows, so the easiest tokens weigh most), 'positive', or 'any' to disable the rule.
     config.health.expected_weight_difficulty_sign = "negative"
     config.health.weight_difficulty_margin = 0.1  # how far past 0 the wrong sign may go before firing
+
+    # Device mesh (tdlm_jax.sharding): (data, fsdp) sizes whose product is the job's device count;
+    # -1 takes the remaining devices. The batch splits over both axes; params and optimizer state
+    # are sharded over fsdp (each matrix along its largest dimension fsdp divides) and replicated
+    # over data. (-1, 1) is pure data parallelism; e.g. (-1, 8) shards the state 8 ways.
+    config.sharding = ml_collections.ConfigDict()
+    config.sharding.mesh_shape = (-1, 1)
 
     config.logging = ml_collections.ConfigDict()
     config.logging.wandb_project = ""  # a Weights & Biases project name enables the wandb writer

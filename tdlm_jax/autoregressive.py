@@ -38,10 +38,12 @@ def token_nll(graphdef: nnx.GraphDef, params: Any, tokens_BxL: jax.Array, valid_
 
 
 def row_losses(graphdef: nnx.GraphDef, params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array,
-               start_id: int) -> tuple[jax.Array, jax.Array]:
-    """Each row's NLL, summed over its valid tokens and divided by the batch's valid tokens."""
+               start_id: int, num_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Each row's NLL, summed over its valid tokens and divided by the batch's valid tokens
+    (`num_valid`, passed in when these rows are a microbatch of a larger batch)."""
     nll_BxL, logits = token_nll(graphdef, params, tokens_BxL, valid_BxL, start_id)
-    num_valid = jnp.maximum(valid_BxL.sum(), 1).astype(jnp.float32)
+    if num_valid is None:
+        num_valid = jnp.maximum(valid_BxL.sum(), 1).astype(jnp.float32)
     return nll_BxL.sum(axis=-1) / num_valid, logits
 
 

@@ -20,8 +20,9 @@ from tdlm_jax.data.pipeline import PACKINGS
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.generation import SAMPLERS
 from tdlm_jax.metrics.health import thresholds_from_config
-from tdlm_jax.model.transformer import ModelConfig
+from tdlm_jax.model.transformer import REMAT_POLICIES, ModelConfig
 from tdlm_jax.optim import DECAY_SCHEDULES
+from tdlm_jax.sharding import resolve_mesh_shape
 from tdlm_jax.step import OBJECTIVES
 
 TOKENIZERS = tokenizer_lib.KINDS  # the forms data.tokenizer may take; parse_name checks one
@@ -33,12 +34,14 @@ POSITIVE_INTS = (
     "training.detailed_metrics_steps", "training.attention_analysis_steps",
     "training.eval_every_n_steps", "training.checkpoint_every_n_steps",
     "training.max_checkpoints_to_keep", "training.max_consecutive_nonfinite", "sampling.steps",
+    "training.grad_accum_steps",
 )
 CHOICES = {
     "model.kind": OBJECTIVES,
     "data.packing": PACKINGS,
     "data.txt_documents": TXT_DOCUMENTS,
     "model.dtype": DTYPES,
+    "model.remat_policy": REMAT_POLICIES,
     "diffusion.schedule": SCHEDULES,
     "diffusion.time_sampling": TIME_SAMPLING,
     "diffusion.loss_weighting": LOSS_WEIGHTINGS,
@@ -97,6 +100,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _check_range(config, "training.adam_b1", lambda x: 0 <= x < 1, "must be in [0, 1)")
     _check_range(config, "training.adam_b2", lambda x: 0 <= x < 1, "must be in [0, 1)")
     _check_range(config, "training.grad_clip_norm", lambda x: True, "must be a number (<= 0 disables clipping)")
+    _check_range(config, "training.ema_decay", lambda x: 0 <= x < 1, "must be in [0, 1) (0 turns the EMA off)")
+    remat = _get(config, "model.remat")
+    _require(isinstance(remat, bool), "model.remat", remat, "must be true or false")
+    vocab = _get(config, "model.vocab_size")
+    _require(isinstance(vocab, int) and not isinstance(vocab, bool) and vocab >= 0, "model.vocab_size", vocab,
+             "must be 0 (the tokenizer's vocabulary) or a padded size >= it")
+    accum, batch = _get(config, "training.grad_accum_steps"), _get(config, "training.batch_size")
+    _require(batch % (accum * num_devices) == 0, "training.grad_accum_steps", accum,
+             f"training.batch_size={batch} must split into {accum} microbatches that divide over {num_devices} "
+             f"devices: use a batch size that is a multiple of {accum * num_devices}")
 
     d_model, num_heads = config.model.d_model, config.model.num_heads
     _require(d_model % num_heads == 0 and (d_model // num_heads) % 2 == 0, "model.d_model", d_model,
@@ -111,9 +124,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(isinstance(prompt, str) and len(prompt.encode()) < _get(config, "data.seq_len"), "sampling.prompt",
              prompt, "must be a string shorter than data.seq_len bytes")
     thresholds_from_config(_get(config, "health"))  # raises ConfigError naming a bad health.* key
+    # The mesh spans every device, so the batch splits into num_devices = data × fsdp row blocks,
+    # and each process feeds its own share of them.
+    resolve_mesh_shape(_get(config, "sharding.mesh_shape"), num_devices)
     for key in ("training.batch_size", "data.eval_batch_size"):
         size = _get(config, key)
-        for count, what in ((num_devices, "devices"), (process_count, "processes")):
+        for count, what in ((num_devices, "batch shards (sharding.mesh_shape data × fsdp = the device count)"),
+                            (process_count, "processes")):
             _require(size % count == 0, key, size,
                      f"does not divide over {count} {what}: use a multiple of {count}")
 
@@ -158,8 +175,24 @@ def forward_process(config: ml_collections.ConfigDict, mask_id: int) -> ForwardP
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int, num_predictable: int) -> ModelConfig:
+    """The denoiser's static config for a tokenizer of `vocab_size` ids (`num_predictable` text ids).
+
+    Raises:
+        ConfigError: if `model.vocab_size` is set below the tokenizer's vocabulary.
+    """
     m = config.model
-    return ModelConfig(vocab_size=vocab_size, num_predictable=num_predictable, d_model=m.d_model,
+    padded = m.get("vocab_size", 0)  # keys added after a run was saved take their defaults
+    if padded and padded < vocab_size:
+        raise ConfigError(f"config error: model.vocab_size={padded} is smaller than the {vocab_size} ids of "
+                          f"tokenizer {config.data.tokenizer!r}: set --config.model.vocab_size=0 (the tokenizer's) "
+                          f"or a padded size >= {vocab_size}")
+    return ModelConfig(vocab_size=max(padded, vocab_size), num_predictable=num_predictable, d_model=m.d_model,
                        num_heads=m.num_heads, num_layers=m.num_layers, mlp_dim=m.mlp_dim, dtype=m.dtype,
                        time_conditioning=bool(m.time_conditioning),
-                       causal=m.get("kind", "diffusion") == "ar")  # runs saved before model.kind were diffusion
+                       causal=m.get("kind", "diffusion") == "ar",  # runs saved before model.kind were diffusion
+                       remat=bool(m.get("remat", False)), remat_policy=m.get("remat_policy", "nothing_saveable"))
+
+
+def ema_decay(config: ml_collections.ConfigDict) -> float:
+    """training.ema_decay; 0 (no EMA) for runs saved before the key existed."""
+    return float(config.training.get("ema_decay", 0.0))

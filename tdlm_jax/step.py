@@ -26,7 +26,7 @@ from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess, corrupt
 from tdlm_jax.diffusion.loss import correct_predictions, num_valid_tokens, weighted_token_losses
 from tdlm_jax.metrics import research
 from tdlm_jax.metrics.advanced import advanced_metrics
-from tdlm_jax.metrics.tier1 import tier1_metrics
+from tdlm_jax.metrics.tier1 import correct_rows, tier1_metrics
 
 
 @struct.dataclass
@@ -37,12 +37,19 @@ class TrainState:
     rng: jax.Array  # uint32 raw key data of the run's base key
     skipped_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
     consecutive_skips: jax.Array  # int32 scalar: skipped updates since the last applied one
+    ema_params: Any = None  # exponential moving average of `params` (training.ema_decay > 0), else None
+
+    def eval_params(self) -> Any:
+        """The parameters evaluation and sampling use: the EMA when one is kept."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, *, ema: bool = False) -> TrainState:
+    """A fresh state; with `ema`, the moving average starts at the initial parameters (as in MDLM)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)), skipped_steps=jnp.zeros((), jnp.int32),
-                      consecutive_skips=jnp.zeros((), jnp.int32))
+                      consecutive_skips=jnp.zeros((), jnp.int32),
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
 
 def step_rng(state_rng: jax.Array, step: jax.Array) -> jax.Array:
@@ -64,30 +71,112 @@ def row_losses(graphdef: nnx.GraphDef, params: Any, batch: Corrupted, num_valid:
 
 OBJECTIVES = ("diffusion", "ar")
 
+# (params, row-aligned microbatch) -> (gradient, or gradients by bucket; per-row statistics float32[rows])
+GradFn = Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
+
+
+def microbatches(rows: Any, num_micro: int) -> Any:
+    """Splits every leaf's leading (row) axis into [num_micro, rows / num_micro].
+
+    Microbatch j holds rows j, j + k, j + 2k, ... (k = num_micro). Taken this way, each
+    device's block of a data-sharded batch splits into k local pieces, so every microbatch
+    is spread over all devices and the split moves no data.
+    """
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1), rows)
+
+
+def unsplit_rows(stacked: Any) -> Any:
+    """The inverse of `microbatches`: [k, rows / k, ...] back to the original row order."""
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), stacked)
+
+
+def accumulate_gradients(grad_fn: GradFn, params: Any, rows: Any, num_micro: int) -> tuple[Any, dict]:
+    """Σ of `grad_fn` gradients over `num_micro` microbatches, run one after the other by a
+    `lax.scan` so only one microbatch's activations are live; per-row statistics come back
+    in the original row order. With one microbatch this is just `grad_fn(params, rows)`.
+
+    Losses are normalized by the *global* batch's token count inside `grad_fn`, so the sum
+    of microbatch gradients is exactly the gradient of the one-big-batch loss.
+    """
+    if num_micro == 1:
+        return grad_fn(params, rows)
+    split = microbatches(rows, num_micro)
+    first = jax.tree.map(lambda x: x[0], split)
+    grads_shape, _ = jax.eval_shape(grad_fn, params, first)
+
+    def add_microbatch(total: Any, microbatch: Any) -> tuple[Any, dict]:
+        grads, stats = grad_fn(params, microbatch)
+        return jax.tree.map(jnp.add, total, grads), stats
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), grads_shape)
+    grads, stats = jax.lax.scan(add_microbatch, zeros, split)
+    return grads, unsplit_rows(stats)
+
+
+def diffusion_grad_fn(graphdef: nnx.GraphDef, process: ForwardProcess, num_valid: jax.Array, detailed: bool,
+                      whole_batch: bool) -> GradFn:
+    """The gradient of a microbatch's share of the NELBO, and its per-row statistics.
+
+    A microbatch is {"batch": Corrupted rows, "bucket_B": their corruption buckets}. In the
+    `detailed` variant the gradient is the list of per-bucket gradients (tdlm_jax.metrics.research):
+    over the `whole_batch` by `bucket_gradients`, over a microbatch (whose bucket rows are
+    data, not a static layout) by bucket-masked VJPs.
+    """
+    row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid)
+
+    def grad_fn(params: Any, micro: dict) -> tuple[Any, dict[str, jax.Array]]:
+        batch = micro["batch"]
+        if detailed and whole_batch:
+            grads, rows_B, logits = research.bucket_gradients(row_loss_fn, params, batch, process)
+        elif detailed:
+            grads, rows_B, logits = research.masked_bucket_gradients(row_loss_fn, params, batch, micro["bucket_B"])
+        else:
+            grads, (rows_B, logits) = jax.grad(lambda p: research.summed(row_loss_fn(p, batch)), has_aux=True)(params)
+        stats = research.row_statistics(logits, batch) if detailed else {"correct_B": correct_rows(logits, batch)}
+        return grads, {"loss_B": rows_B, **stats}
+
+    return grad_fn
+
+
+def ar_grad_fn(graphdef: nnx.GraphDef, mask_id: int, num_valid: jax.Array) -> GradFn:
+    """The gradient of a microbatch's share of the autoregressive NLL, and its per-row losses."""
+    def grad_fn(params: Any, micro: dict) -> tuple[Any, dict[str, jax.Array]]:
+        loss = lambda p: research.summed(autoregressive.row_losses(
+            graphdef, p, micro["tokens"], micro["valid"], mask_id, num_valid=num_valid))
+        grads, (rows_B, _) = jax.grad(loss, has_aux=True)(params)
+        return grads, {"loss_B": rows_B}
+
+    return grad_fn
+
 
 def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *, graphdef: nnx.GraphDef,
                process: ForwardProcess, optimizer: optax.GradientTransformation,
                lr_schedule: Callable[[jax.Array], jax.Array], detailed: bool,
-               objective: str = "diffusion") -> tuple[TrainState, dict]:
+               objective: str = "diffusion", grad_accum_steps: int = 1, ema_decay: float = 0.0
+               ) -> tuple[TrainState, dict]:
     """One optimizer update on a global batch; returns the new state and a dict of device scalars.
 
-    `objective` 'ar' trains the autoregressive baseline (`tdlm_jax.autoregressive`); it has
-    no corruption, so the diffusion metrics and the `detailed` variant do not apply to it.
+    The batch is corrupted as a whole (the same noise whatever `grad_accum_steps`), then its
+    gradient is accumulated over `grad_accum_steps` microbatches: the update equals the
+    one-big-batch update, and the metrics are pooled over the global batch from per-row
+    statistics. `objective` 'ar' trains the autoregressive baseline
+    (`tdlm_jax.autoregressive`); it has no corruption, so the diffusion metrics and the
+    `detailed` variant do not apply to it.
     """
     if objective == "ar":
-        loss_of = lambda p: autoregressive.row_losses(graphdef, p, tokens_BxL, valid_BxL, process.mask_id)
+        num_valid = jnp.maximum(valid_BxL.sum(), 1).astype(jnp.float32)
+        grad_fn, rows = ar_grad_fn(graphdef, process.mask_id, num_valid), {"tokens": tokens_BxL, "valid": valid_BxL}
+        detailed = False
     else:
         batch = corrupt(process, step_rng(state.rng, state.step), tokens_BxL, valid_BxL)
-        row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid_tokens(batch))
-        loss_of = lambda p: row_loss_fn(p, batch)
+        rows = {"batch": batch, "bucket_B": research.row_buckets(process, batch)}
+        grad_fn = diffusion_grad_fn(graphdef, process, num_valid_tokens(batch), detailed,
+                                    whole_batch=grad_accum_steps == 1)
+    grads, stats = accumulate_gradients(grad_fn, state.params, rows, grad_accum_steps)
+    if detailed:
+        grads_by_bucket, grads = grads, jax.tree.map(lambda *gs: sum(gs), *grads)
 
-    if detailed and objective == "diffusion":
-        grads_by_bucket, rows_B, logits = research.bucket_gradients(row_loss_fn, state.params, batch, process)
-        grads = jax.tree.map(lambda *gs: sum(gs), *grads_by_bucket)
-    else:
-        grads, (rows_B, logits) = jax.grad(lambda p: research.summed(loss_of(p)), has_aux=True)(state.params)
-
-    loss, grad_norm = rows_B.sum(), optax.tree.norm(grads)
+    loss, grad_norm = stats["loss_B"].sum(), optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient (a corrupt batch, an overflow) must not destroy the run:
@@ -95,8 +184,12 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
     # the data position and noise) move on. The NaN itself is still logged.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    ema_params = state.ema_params
+    if ema_params is not None:
+        ema_params = keep_if_finite(jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                                 ema_params, params), ema_params)
     new_state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
-                              opt_state=keep_if_finite(opt_state, state.opt_state),
+                              opt_state=keep_if_finite(opt_state, state.opt_state), ema_params=ema_params,
                               skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
                               consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32))
     metrics = {
@@ -107,9 +200,9 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
         "train/consecutive_skipped_steps": new_state.consecutive_skips.astype(jnp.float32),
     }
     if objective == "diffusion":
-        metrics.update(tier1_metrics(logits, batch))
+        metrics.update(tier1_metrics(stats["correct_B"], batch))
         if detailed:
-            metrics.update(research.research_metrics(logits, batch, process, rows_B, grads_by_bucket))
+            metrics.update(research.research_metrics(stats, batch, process, stats["loss_B"], grads_by_bucket))
     return new_state, metrics
 
 
@@ -135,14 +228,21 @@ def eval_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax
     }
 
 
-def jit_train_step(mesh: Mesh, **static) -> Callable[..., tuple[TrainState, dict]]:
-    """`train_step` jitted with donated state; call as f(state, tokens, valid, detailed=bool)."""
+def jit_train_step(mesh: Mesh, state_sharding: Any = None, **static) -> Callable[..., tuple[TrainState, dict]]:
+    """`train_step` jitted with donated state; call as f(state, tokens, valid, detailed=bool).
+
+    `state_sharding` is where the new state is placed, normally `sharding.state_shardings(mesh,
+    state)` (FSDP over the mesh's fsdp axis); None replicates it. It must match the input
+    state's placement, or donation cannot reuse the buffers. Metrics come back replicated.
+    """
     replicated = sharding.replicated(mesh)
     return jax.jit(functools.partial(train_step, **static), static_argnames=("detailed",),
-                   donate_argnums=(0,), out_shardings=(replicated, replicated))
+                   donate_argnums=(0,), out_shardings=(state_sharding or replicated, replicated))
 
 
 def jit_eval_step(mesh: Mesh, **static) -> Callable[..., dict]:
+    """`eval_step` jitted; call as f(params, tokens, valid, rng) with params placed in any
+    layout (replicated or FSDP-sharded: XLA gathers them). Sums come back replicated."""
     return jax.jit(functools.partial(eval_step, **static), out_shardings=sharding.replicated(mesh))
 
 
@@ -164,5 +264,6 @@ def analysis_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng:
 
 
 def jit_analysis_step(mesh: Mesh, **static) -> Callable[..., dict]:
-    """`analysis_step` jitted; call as f(params, tokens, valid, rng). Metrics come back replicated."""
+    """`analysis_step` jitted; call as f(params, tokens, valid, rng), params in any layout.
+    Metrics come back replicated."""
     return jax.jit(functools.partial(analysis_step, **static), out_shardings=sharding.replicated(mesh))

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from tdlm_jax import checkpoint, generation, sharding
 from tdlm_jax import config as config_lib
@@ -114,14 +115,17 @@ class Run:
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Validates the config, builds data, model and steps, and restores the latest checkpoint."""
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(mesh_shape=config.sharding.mesh_shape)
     tok = dataset.build_tokenizer(config.data, workdir)  # bpe:<n> trains (or reloads) it in the workdir
     data = build_data(config, tok, mesh)
     tc = config.training
     graphdef, params, optimizer, lr_schedule = build_model_and_optimizer(config, tok)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    logging.info("denoiser: %s parameters on %d device(s)", f"{num_params:,}", jax.device_count())
-    state = sharding.replicate(step_lib.init_state(params, optimizer, config.seed), mesh)
+    logging.info("denoiser: %s parameters on %d device(s) of %d process(es), mesh %s", f"{num_params:,}",
+                 jax.device_count(), jax.process_count(), dict(mesh.shape))
+    # FSDP-sharded over the mesh's fsdp axis (replicated when it is 1); restore keeps this layout.
+    state = sharding.place_state(step_lib.init_state(params, optimizer, config.seed,
+                                                     ema=config_lib.ema_decay(config) > 0), mesh)
 
     process = config_lib.forward_process(config, tok.mask_id)
     objective = config.model.kind
@@ -130,8 +134,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     start_step, state = restore_latest_usable(checkpointer, state, data.train_iterator)
     return Run(
         mesh=mesh, tokenizer=tok, graphdef=graphdef, data=data, state=state,
-        train_fn=step_lib.jit_train_step(mesh, graphdef=graphdef, process=process, optimizer=optimizer,
-                                         lr_schedule=lr_schedule, objective=objective),
+        train_fn=step_lib.jit_train_step(mesh, sharding.state_shardings(mesh, state), graphdef=graphdef,
+                                         process=process, optimizer=optimizer, lr_schedule=lr_schedule,
+                                         objective=objective, grad_accum_steps=tc.get("grad_accum_steps", 1),
+                                         ema_decay=config_lib.ema_decay(config)),
         eval_fn=step_lib.jit_eval_step(mesh, graphdef=graphdef, objective=objective,
                                        process=process.for_evaluation(config.data.eval_batch_size)),
         analysis_fn=step_lib.jit_analysis_step(mesh, graphdef=graphdef, process=process),
@@ -307,19 +313,20 @@ def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_v
         if _every(step, tc.eval_every_n_steps, tc.num_steps):
             log.flush()
             tic = _synced_time(state)
-            val = evaluate(run.eval_fn, state.params, run.data.eval_batches, run.eval_rng)
+            val = evaluate(run.eval_fn, state.eval_params(), run.data.eval_batches, run.eval_rng)
             log.write(step, val)
             best_val = min(best_val, val["val/loss"])
             if run.is_diffusion and config.sampling.num_samples_at_eval:
-                log.writer.write_texts(step, eval_samples(config, run, state.params, step))
+                log.writer.write_texts(step, eval_samples(config, run, state.eval_params(), step))
             log.exclude(time.perf_counter() - tic)
         run.state = state  # what an interruption may save
-        if _every(step, tc.checkpoint_every_n_steps, tc.num_steps) or preemption.requested:
+        preempted = preemption.reached(step)  # the same on every host of a multi-host job
+        if _every(step, tc.checkpoint_every_n_steps, tc.num_steps) or preempted:
             log.flush()  # every row up to this step is on disk before its checkpoint
             tic = _synced_time(state)
             run.checkpointer.save(step, state, run.data.train_iterator)
             log.exclude(time.perf_counter() - tic)
-        if preemption.requested:
+        if preempted:
             logging.warning("SIGTERM: saved a checkpoint at step %d; run the same command to resume", step)
             break
     log.flush()
@@ -392,15 +399,24 @@ def stop_after_nonfinite(run: Run, state: step_lib.TrainState, step: int, skips:
 
 
 class Preemption:
-    """While active, SIGTERM (a preemption notice) only sets `requested`: the loop finishes
-    its step, saves a checkpoint, flushes the writers and returns."""
+    """While active, SIGTERM (a preemption notice) makes `reached(step)` true at a step: the
+    loop finishes that step, saves a checkpoint, flushes the writers and returns.
+
+    A multi-host job must save and stop at the same step on every host, or orbax's save
+    waits forever for the hosts that went on. There, JAX's preemption sync manager (started
+    by jax.distributed.initialize) catches SIGTERM itself, tells every host, and
+    `reached_preemption_sync_point` becomes true at one step they all agree on; it costs no
+    host sync on the steps before a notice. A single process just sets a flag.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
+        self._synced = jax.distributed.is_initialized() and _preemption_service_running()
 
     def __enter__(self) -> "Preemption":
-        if threading.current_thread() is threading.main_thread():  # signals go to the main thread
+        # A Python handler would replace the sync manager's, which then never hears of SIGTERM.
+        if not self._synced and threading.current_thread() is threading.main_thread():  # signals go there
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -408,8 +424,21 @@ class Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; on every host, call it once per step."""
+        if self._synced and multihost_utils.reached_preemption_sync_point(step):
+            self.requested = True
+        return self.requested
+
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+
+def _preemption_service_running() -> bool:
+    """Whether jax.distributed started its preemption sync manager (jax_enable_preemption_service)."""
+    from jax._src import distributed as jax_distributed  # the manager has no public accessor
+
+    return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "tokenizer_info.json")  # the last: written first
@@ -418,13 +447,14 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "tokenizer_info.json
 def ensure_writable(workdir: str) -> None:
     """A clear error now, rather than a traceback at the first checkpoint or metric write,
     and never a run written into a directory that holds something else (e.g. --workdir=.)."""
-    if os.path.isdir(workdir) and os.listdir(workdir) and not any(
-            os.path.exists(os.path.join(workdir, name)) for name in RUN_FILES):
+    # Another host's write probe is not "other files": every host of a job runs this at once.
+    others = [n for n in os.listdir(workdir) if not n.startswith(".write_test")] if os.path.isdir(workdir) else []
+    if others and not any(os.path.exists(os.path.join(workdir, name)) for name in RUN_FILES):
         raise CheckpointError(f"workdir {workdir} holds other files and no tdlm_jax run: pass a new or empty "
                               "--workdir (the default is runs/<config name>)")
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # hosts may share the workdir
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

@@ -42,6 +42,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_trained(workdir: str, step: int | None = None) -> TrainedModel:
     """Restores the parameters of checkpoint `step` (default: the latest) of a workdir."""
+    from tdlm_jax import config as config_lib  # config -> generation -> this module: import late
     from tdlm_jax.train import build_model_and_optimizer  # train imports much; only loaders need it
 
     config = load_config(workdir)
@@ -50,10 +51,12 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedModel:
     graphdef, params, optimizer, _ = build_model_and_optimizer(config, tok)
     replicated = sharding.replicated(sharding.make_mesh())
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            jax.eval_shape(lambda: step_lib.init_state(params, optimizer, config.seed)))
+                            jax.eval_shape(lambda: step_lib.init_state(
+                                params, optimizer, config.seed, ema=config_lib.ema_decay(config) > 0)))
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
         step = step if step is not None else checkpointer.latest_step()
         if step is None:
             raise CheckpointError(f"no checkpoint in {checkpointer.directory}: train first, or pass another --workdir")
         state = checkpointer.restore(step, abstract)
-    return TrainedModel(config=config, tokenizer=tok, graphdef=graphdef, params=state.params, step=step)
+    # The EMA of the parameters when the run kept one: what its evaluations and samples used.
+    return TrainedModel(config=config, tokenizer=tok, graphdef=graphdef, params=state.eval_params(), step=step)

@@ -51,7 +51,8 @@ def test_bucket_accuracy_and_count_on_a_hand_built_batch():
     process = make_process(sampling="iid", batch_size=4)
     zero = {"w": jnp.zeros(3)}
     metrics = aggregation.to_host_scalars(
-        research.research_metrics(logits, batch, process, jnp.array([0.1, 0.2, 0.3, 0.4]), [zero] * 3))
+        research.research_metrics(research.row_statistics(logits, batch), batch, process,
+                                  jnp.array([0.1, 0.2, 0.3, 0.4]), [zero] * 3))
     assert metrics["research/low_corruption_accuracy"] == pytest.approx(1.0)
     assert metrics["research/medium_corruption_accuracy"] == pytest.approx(3 / 5)
     assert metrics["research/high_corruption_accuracy"] == pytest.approx(0.0)
@@ -65,7 +66,7 @@ def test_empty_bucket_accuracy_is_missing_not_zero():
     only_high = batch.replace(mask_rate_B=jnp.full(4, 0.9))
     logits = jnp.zeros((4, 4, 258))
     metrics = aggregation.to_host_scalars(research.research_metrics(
-        logits, only_high, make_process(sampling="iid", batch_size=4), jnp.zeros(4), [{"w": jnp.ones(2)}] * 3))
+        research.row_statistics(logits, only_high), only_high, make_process(sampling="iid", batch_size=4), jnp.zeros(4), [{"w": jnp.ones(2)}] * 3))
     assert metrics["research/low_corruption_accuracy"] is None
     assert metrics["research/medium_corruption_accuracy"] is None
     assert metrics["research/low_corruption_count"] == 0
@@ -134,7 +135,7 @@ def test_only_high_corruption_batch_has_zero_low_and_medium_gradients(sampling):
     batch = corrupted_batch(process, seed=1)
     assert bool(jnp.all(batch.mask_rate_B > 0.7))
     grads, rows, logits = project_grads(process, batch)
-    metrics = aggregation.to_host_scalars(research.research_metrics(logits, batch, process, rows, grads))
+    metrics = aggregation.to_host_scalars(research.research_metrics(research.row_statistics(logits, batch), batch, process, rows, grads))
     assert metrics["research/gradient_norm_low_corruption"] == 0.0
     assert metrics["research/gradient_norm_medium_corruption"] == 0.0
     assert metrics["research/gradient_norm_high_corruption"] == pytest.approx(
@@ -143,14 +144,20 @@ def test_only_high_corruption_batch_has_zero_low_and_medium_gradients(sampling):
     assert metrics["research/high_corruption_count"] == 8
 
 
-def test_pearson_matches_numpy_on_random_data():
+def test_row_constant_pearson_matches_numpy_on_random_data():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(6, 50))
-    y = 0.4 * x + rng.normal(size=(6, 50))
+    x_B = rng.normal(size=6)
+    y = 0.4 * x_B[:, None] + rng.normal(size=(6, 50))
     where = rng.random((6, 50)) < 0.6
-    expected = np.corrcoef(x[where], y[where])[0, 1]
-    assert float(research.pearson(jnp.asarray(x), jnp.asarray(y), jnp.asarray(where))) == pytest.approx(expected, rel=1e-5)
-    constant = research.pearson(jnp.ones((6, 50)), jnp.asarray(y), jnp.asarray(where))
+    x_tokens = np.broadcast_to(x_B[:, None], y.shape)
+    expected = np.corrcoef(x_tokens[where], y[where])[0, 1]
+    row_mean = np.where(where, y, 0).sum(1) / where.sum(1)
+    sums = [jnp.asarray(v, jnp.float32) for v in (where.sum(1), np.where(where, y, 0).sum(1),
+                                                   np.where(where, (y - row_mean[:, None]) ** 2, 0).sum(1))]
+    got = float(research.row_constant_pearson(jnp.asarray(x_B, jnp.float32), *sums))
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert abs(expected) > 0.1  # the comparison is not of two zeros
+    constant = research.row_constant_pearson(jnp.ones(6), *sums)
     assert bool(jnp.isnan(constant))  # undefined, reported as missing
 
 
@@ -159,7 +166,7 @@ def test_weight_difficulty_statistics_match_numpy():
     batch = corrupted_batch(process, seed=2)
     graphdef, params = model_parts()
     _, logits = row_losses(graphdef, params, batch, num_valid_tokens(batch))
-    got = research.weight_difficulty_metrics(logits, batch)
+    got = research.weight_difficulty_metrics(research.row_statistics(logits, batch), batch)
 
     masked = np.asarray(batch.masked_BxL)
     weight = np.broadcast_to(np.asarray(batch.weight_B)[:, None], masked.shape)[masked]

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess
-from tdlm_jax.diffusion.loss import correct_predictions
-from tdlm_jax.metrics.tier1 import safe_ratio
+from tdlm_jax.metrics.tier1 import correct_rows, safe_ratio
 
 BUCKETS = ("low", "medium", "high")
 
@@ -59,22 +58,27 @@ def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, proc
 
     Returns (gradients by bucket, per-row losses float32[B], logits [B, L, V]).
     """
-    if process.static_buckets:
-        grads, row_losses, logits = [], [], []
-        for start, stop in process.plan.rows:
-            if stop == start:  # a bucket with no rows has a zero gradient
-                grads.append(jax.tree.map(jnp.zeros_like, params))
-                continue
-            sub_batch = batch.rows(start, stop)
-            bucket_loss = lambda p: summed(row_loss_fn(p, sub_batch))
-            grad_b, (rows_b, logits_b) = jax.grad(bucket_loss, has_aux=True)(params)
-            grads.append(grad_b)
-            row_losses.append(rows_b)
-            logits.append(logits_b)
-        return grads, jnp.concatenate(row_losses), jnp.concatenate(logits)
+    if not process.static_buckets:
+        return masked_bucket_gradients(row_loss_fn, params, batch, row_buckets(process, batch))
+    grads, row_losses, logits = [], [], []
+    for start, stop in process.plan.rows:
+        if stop == start:  # a bucket with no rows has a zero gradient
+            grads.append(jax.tree.map(jnp.zeros_like, params))
+            continue
+        sub_batch = batch.rows(start, stop)
+        bucket_loss = lambda p: summed(row_loss_fn(p, sub_batch))
+        grad_b, (rows_b, logits_b) = jax.grad(bucket_loss, has_aux=True)(params)
+        grads.append(grad_b)
+        row_losses.append(rows_b)
+        logits.append(logits_b)
+    return grads, jnp.concatenate(row_losses), jnp.concatenate(logits)
 
+
+def masked_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, buckets_B: jax.Array
+                            ) -> tuple[list[Any], jax.Array, jax.Array]:
+    """`bucket_gradients` for rows whose buckets are data (`buckets_B`), not a static layout:
+    one forward pass, and its VJP pulled back once per bucket-masked cotangent."""
     rows_B, pullback, logits = jax.vjp(lambda p: row_loss_fn(p, batch), params, has_aux=True)
-    buckets_B = row_buckets(process, batch)
     grads = [pullback((buckets_B == b).astype(rows_B.dtype))[0] for b in range(len(BUCKETS))]
     return grads, rows_B, logits
 
@@ -85,27 +89,42 @@ def summed(rows_and_logits: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tup
     return rows.sum(), (rows, logits)
 
 
-def pearson(x: jax.Array, y: jax.Array, where: jax.Array) -> jax.Array:
-    """Pearson correlation of x and y over the entries where `where` holds; NaN if undefined."""
-    n = where.sum()
-    mean = lambda v: safe_ratio(jnp.where(where, v, 0.0).sum(), n)
-    dx, dy = jnp.where(where, x - mean(x), 0.0), jnp.where(where, y - mean(y), 0.0)
-    return safe_ratio((dx * dy).sum(), jnp.sqrt((dx * dx).sum() * (dy * dy).sum()))
+def difficulty_rows(logits_BxLxV: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
+    """Per-row sums of the prediction difficulty 1 − max_v p(v) over masked valid tokens, and
+    its per-row centred second moment Σ (d − d̄_row)²: what the weight–difficulty statistics
+    need of the logits (see `tier1.correct_rows` for why the step reduces logits to rows).
+
+    Centring within the row keeps the variance exact when difficulties are nearly equal (an
+    untrained model's are all ≈ 1 − 1/V), where E[d²] − E[d]² in float32 would cancel.
+    """
+    difficulty_BxL = 1.0 - jnp.exp(jnp.max(jax.nn.log_softmax(logits_BxLxV, axis=-1), axis=-1))
+    masked_BxL = batch.masked_BxL
+    sum_B = jnp.where(masked_BxL, difficulty_BxL, 0.0).sum(axis=-1)
+    mean_B = sum_B / jnp.maximum(masked_BxL.sum(axis=-1), 1)
+    m2_B = jnp.where(masked_BxL, (difficulty_BxL - mean_B[:, None]) ** 2, 0.0).sum(axis=-1)
+    return {"difficulty_sum_B": sum_B, "difficulty_m2_B": m2_B}
 
 
-def research_metrics(logits_BxLxV: jax.Array, batch: Corrupted, process: ForwardProcess,
+def row_statistics(logits_BxLxV: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
+    """Everything `research_metrics` needs of the logits, as per-row sums."""
+    return {"correct_B": correct_rows(logits_BxLxV, batch), **difficulty_rows(logits_BxLxV, batch)}
+
+
+def research_metrics(rows: dict[str, jax.Array], batch: Corrupted, process: ForwardProcess,
                      row_losses_B: jax.Array, grads_by_bucket: list[Any]) -> dict[str, jax.Array]:
-    """All tier-2 metrics of one global batch; names as in the metrics guide."""
+    """All tier-2 metrics of one global batch; names as in the metrics guide.
+
+    `rows` holds the per-row sums of `row_statistics`.
+    """
     buckets_B = row_buckets(process, batch)
-    correct_BxL = correct_predictions(logits_BxLxV, batch)
+    masked_B = batch.masked_BxL.sum(axis=-1)
     norms = [optax.tree.norm(g) for g in grads_by_bucket]
     total_grad = jax.tree.map(lambda *gs: sum(gs), *grads_by_bucket)
     out = {}
     for b, name in enumerate(BUCKETS):
         in_bucket_B = buckets_B == b
-        masked_b = batch.masked_BxL & in_bucket_B[:, None]
         out[f"research/{name}_corruption_accuracy"] = safe_ratio(
-            (correct_BxL & masked_b).sum().astype(jnp.float32), masked_b.sum())
+            jnp.where(in_bucket_B, rows["correct_B"], 0.0).sum(), jnp.where(in_bucket_B, masked_B, 0).sum())
         out[f"research/{name}_corruption_count"] = in_bucket_B.sum().astype(jnp.float32)
         out[f"research/{name}_corruption_loss"] = jnp.where(in_bucket_B, row_losses_B, 0.0).sum()
         out[f"research/gradient_norm_{name}_corruption"] = norms[b]
@@ -113,25 +132,45 @@ def research_metrics(logits_BxLxV: jax.Array, batch: Corrupted, process: Forward
     low_is_empty = out["research/low_corruption_count"] == 0
     out["research/gradient_norm_ratio_high_to_low"] = jnp.where(
         low_is_empty, jnp.nan, safe_ratio(norms[-1], norms[0]))
-    out.update(weight_difficulty_metrics(logits_BxLxV, batch))
+    out.update(weight_difficulty_metrics(rows, batch))
     return out
 
 
-def weight_difficulty_metrics(logits_BxLxV: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
+def row_constant_pearson(x_B: jax.Array, count_B: jax.Array, y_sum_B: jax.Array, y_m2_B: jax.Array
+                         ) -> jax.Array:
+    """Pearson correlation over tokens of x, constant within each row, and a per-token y
+    known through per-row statistics: row b has `count_B[b]` tokens, whose y values sum to
+    `y_sum_B[b]` and have centred second moment `y_m2_B[b]` = Σ (y − ȳ_b)². NaN if undefined.
+
+    Every product is formed from exactly centred values (the pooled variance of y by Chan's
+    parallel formula), so no large sums cancel in float32.
+    """
+    count_B = count_B.astype(jnp.float32)
+    n = count_B.sum()
+    dx_B = x_B - safe_ratio((x_B * count_B).sum(), n)
+    mean_y = safe_ratio(y_sum_B.sum(), n)
+    dy_sum_B = y_sum_B - count_B * mean_y  # Σ over row b of (y − ȳ)
+    row_mean_y_B = y_sum_B / jnp.maximum(count_B, 1.0)
+    var_x = (count_B * dx_B ** 2).sum()
+    var_y = y_m2_B.sum() + (count_B * (row_mean_y_B - mean_y) ** 2).sum()
+    return safe_ratio((dx_B * dy_sum_B).sum(), jnp.sqrt(var_x * var_y))
+
+
+def weight_difficulty_metrics(rows: dict[str, jax.Array], batch: Corrupted) -> dict[str, jax.Array]:
     """Statistics over the masked valid tokens of the batch.
 
     A token's weight is its sequence's w(t); its difficulty is 1 − max_v p(v), the model's
-    uncertainty at that position. weight_std is the population standard deviation.
+    uncertainty at that position (summed per row in `rows`, see `difficulty_rows`).
+    weight_std is the population standard deviation.
     """
-    masked = batch.masked_BxL
-    n = masked.sum()
-    weight_BxL = jnp.broadcast_to(batch.weight_B[:, None], masked.shape)
-    difficulty_BxL = 1.0 - jnp.exp(jnp.max(jax.nn.log_softmax(logits_BxLxV, axis=-1), axis=-1))
-    mean_weight = safe_ratio(jnp.where(masked, weight_BxL, 0.0).sum(), n)
-    weight_var = safe_ratio(jnp.where(masked, (weight_BxL - mean_weight) ** 2, 0.0).sum(), n)
+    masked_B = batch.masked_BxL.sum(axis=-1).astype(jnp.float32)
+    n = masked_B.sum()
+    mean_weight = safe_ratio((batch.weight_B * masked_B).sum(), n)
+    weight_var = safe_ratio((masked_B * (batch.weight_B - mean_weight) ** 2).sum(), n)
     return {
-        "research/weight_difficulty_correlation": pearson(weight_BxL, difficulty_BxL, masked),
+        "research/weight_difficulty_correlation": row_constant_pearson(
+            batch.weight_B, masked_B, rows["difficulty_sum_B"], rows["difficulty_m2_B"]),
         "research/avg_loss_weight": mean_weight,
         "research/weight_std": jnp.sqrt(weight_var),
-        "research/avg_prediction_difficulty": safe_ratio(jnp.where(masked, difficulty_BxL, 0.0).sum(), n),
+        "research/avg_prediction_difficulty": safe_ratio(rows["difficulty_sum_B"].sum(), n),
     }

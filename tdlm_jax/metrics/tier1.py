@@ -20,18 +20,28 @@ def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), jnp.nan)
 
 
-def tier1_metrics(logits_BxLxV: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
+def correct_rows(logits_BxLxV: jax.Array, batch: Corrupted) -> jax.Array:
+    """float32[B]: each row's correct argmax predictions at masked valid positions.
+
+    The train step reduces logits to per-row sums like this one right after each forward
+    pass, so that under gradient accumulation a microbatch's [b, L, V] logits can be
+    dropped; the pooled metrics are then computed once over the global batch's rows.
+    """
+    return correct_predictions(logits_BxLxV, batch).sum(axis=-1).astype(jnp.float32)
+
+
+def tier1_metrics(correct_B: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
     """metrics/mask_accuracy, metrics/total_masked_tokens and metrics/valid_ratio.
 
-    - mask_accuracy: correct argmax predictions / masked valid tokens.
+    - mask_accuracy: correct argmax predictions / masked valid tokens (`correct_B` is
+      `correct_rows` of the batch's logits).
     - total_masked_tokens: masked valid tokens in the global batch.
     - valid_ratio: of all positions whose mask was drawn, the share that are real tokens
       (not padding). 1.0 on packed data; low values mean the batch is mostly padding.
     """
     num_masked = batch.masked_BxL.sum().astype(jnp.float32)
-    num_correct = correct_predictions(logits_BxLxV, batch).sum().astype(jnp.float32)
     return {
-        "metrics/mask_accuracy": safe_ratio(num_correct, num_masked),
+        "metrics/mask_accuracy": safe_ratio(correct_B.sum(), num_masked),
         "metrics/total_masked_tokens": num_masked,
         "metrics/valid_ratio": safe_ratio(num_masked, batch.drawn_BxL.sum()),
     }

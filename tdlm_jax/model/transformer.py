@@ -37,6 +37,8 @@ class ModelConfig:
     time_conditioning: bool = False
     rope_base: float = 10_000.0
     causal: bool = False  # True for the autoregressive baseline
+    remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
+    remat_policy: str = "nothing_saveable"  # what a rematerialized block keeps: a jax.checkpoint_policies name
 
     @property
     def head_dim(self) -> int:
@@ -63,10 +65,14 @@ def timestep_embedding(t_B: jax.Array, dim: int) -> jax.Array:
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
-def _linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, scale: float = 1.0) -> nnx.Linear:
+def _linear(d_in: int, d_out: int, cfg: ModelConfig, rngs: nnx.Rngs, scale: float = 1.0,
+            float32_output: bool = False) -> nnx.Linear:
+    """A bias-free projection with float32 parameters computing in `cfg.dtype`; with
+    `float32_output` its products are accumulated and returned in float32 (the output head:
+    the loss and softmax over the vocabulary must see float32 logits, not rounded bf16 ones)."""
     init = nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=cfg.dtype,
-                      param_dtype=jnp.float32, rngs=rngs)
+    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=cfg.dtype, param_dtype=jnp.float32,
+                      preferred_element_type=jnp.float32 if float32_output else None, rngs=rngs)
 
 
 def attention_mask(valid_BxL: jax.Array, causal: bool) -> jax.Array:
@@ -164,7 +170,7 @@ class Denoiser(nnx.Module):
         self.time_proj = _linear(cfg.d_model, cfg.d_model, cfg, rngs) if cfg.time_conditioning else None
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
-        self.head = _linear(cfg.d_model, cfg.vocab_size, cfg, rngs)
+        self.head = _linear(cfg.d_model, cfg.vocab_size, cfg, rngs, float32_output=True)
 
     def __call__(self, noisy_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array | None = None, *,
                  return_internals: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
@@ -183,12 +189,13 @@ class Denoiser(nnx.Module):
         if self.time_proj is not None:
             x = x + self.time_proj(timestep_embedding(t_B, self.cfg.d_model).astype(x.dtype))[:, None, :]
         probs_by_layer = []
+        run_block = _rematerialized(self.cfg.remat_policy) if self.cfg.remat else _call_block
         for block in self.blocks:
             if return_internals:
                 x, probs_BxNxLxL = block(x, valid_BxL, return_probs=True)
                 probs_by_layer.append(probs_BxNxLxL)
             else:
-                x = block(x, valid_BxL)
+                x = run_block(block, x, valid_BxL)
         logits = self.head(self.final_norm(x)).astype(jnp.float32)
         predictable_V = jnp.arange(self.cfg.vocab_size) < self.cfg.num_predictable
         logits = jnp.where(predictable_V, logits, -jnp.inf)
@@ -199,3 +206,19 @@ class Denoiser(nnx.Module):
             "attention_probs_KxBxNxLxL": jnp.stack(probs_by_layer),
         }
         return logits, internals
+
+
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+def _call_block(block: Block, x: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    return block(x, valid_BxL)
+
+
+def _rematerialized(policy: str):
+    """`_call_block` under `nnx.remat`: the block's intermediates are not stored for the
+    backward pass but recomputed from its input, except what `policy` saves (e.g.
+    'dots_saveable' keeps matmul outputs and recomputes only the cheap elementwise ops)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; allowed: {', '.join(REMAT_POLICIES)}")
+    return nnx.remat(_call_block, policy=getattr(jax.checkpoint_policies, policy))

@@ -1,0 +1,193 @@
+"""Gradient accumulation, rematerialization, bf16 compute, the parameter EMA and a padded
+vocabulary: each must leave the math unchanged (or change it exactly as documented)."""
+
+import functools
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tdlm_jax import config as config_lib
+from tdlm_jax import sharding
+from tdlm_jax import step as step_lib
+from tdlm_jax import train
+from tdlm_jax.errors import ConfigError
+from tdlm_jax.model.transformer import Denoiser
+from tdlm_jax.workdir import load_config, load_trained
+from common import MODEL, model_parts, make_process, optimizer_and_schedule, random_batch
+
+from test_train import TINY
+
+
+@functools.lru_cache(maxsize=None)
+def step_fn(num_devices: int, grad_accum_steps: int, objective: str = "diffusion", ema_decay: float = 0.0):
+    mesh = sharding.make_mesh(jax.devices()[:num_devices])
+    optimizer, schedule = optimizer_and_schedule()
+    return mesh, step_lib.jit_train_step(mesh, graphdef=model_parts()[0], process=make_process(),
+                                         optimizer=optimizer, lr_schedule=schedule, objective=objective,
+                                         grad_accum_steps=grad_accum_steps, ema_decay=ema_decay)
+
+
+def fresh(mesh, ema: bool = False):
+    optimizer, _ = optimizer_and_schedule()
+    params = jax.tree.map(lambda x: x.copy(), model_parts()[1])
+    return sharding.replicate(step_lib.init_state(params, optimizer, seed=0, ema=ema), mesh)
+
+
+def run_steps(num_devices, grad_accum_steps, detailed, objective="diffusion", steps=2):
+    mesh, fn = step_fn(num_devices, grad_accum_steps, objective)
+    state, history = fresh(mesh), []
+    for i in range(steps):
+        data = sharding.global_batch(random_batch(seed=i), mesh)
+        state, metrics = fn(state, data["tokens"], data["valid"], detailed=detailed)
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state.params), history
+
+
+def assert_same_run(a, b, rtol=2e-5, atol=2e-6):
+    params_a, history_a = a
+    params_b, history_b = b
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), params_a, params_b)
+    for row_a, row_b in zip(history_a, history_b):
+        assert row_a.keys() == row_b.keys()
+        for key in row_a:
+            np.testing.assert_allclose(row_a[key], row_b[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+def test_microbatches_take_strided_rows_and_unsplit_restores_the_order():
+    rows = {"x": jnp.arange(12).reshape(6, 2)}
+    split = step_lib.microbatches(rows, 3)
+    np.testing.assert_array_equal(split["x"][1], np.asarray(rows["x"])[1::3])
+    np.testing.assert_array_equal(step_lib.unsplit_rows(split)["x"], rows["x"])
+
+
+@pytest.mark.parametrize("detailed", [False, True])
+def test_accumulated_update_equals_one_big_batch(detailed):
+    """2 microbatches on 4 devices: same parameters, loss and tier-1/tier-2 metrics after 2 steps."""
+    one = run_steps(4, 1, detailed)
+    accumulated = run_steps(4, 2, detailed)
+    assert_same_run(one, accumulated)
+    if detailed:  # per-bucket gradients are real, distinct gradients under accumulation too
+        norms = [accumulated[1][-1][f"research/gradient_norm_{b}_corruption"] for b in ("low", "medium", "high")]
+        assert len(set(np.round(norms, 6))) == 3 and min(norms) > 0
+
+
+def test_accumulation_over_four_microbatches_of_two_rows():
+    assert_same_run(run_steps(1, 1, False), run_steps(1, 4, False))
+
+
+def test_autoregressive_accumulation_equals_one_big_batch():
+    assert_same_run(run_steps(4, 1, False, objective="ar", steps=1), run_steps(4, 2, False, objective="ar", steps=1))
+
+
+def test_batch_that_does_not_split_into_microbatches_is_a_config_error():
+    config = runpy.run_path(TINY)["get_config"]()
+    config.training.grad_accum_steps = 3
+    with pytest.raises(ConfigError, match="grad_accum_steps"):
+        config_lib.validate(config, num_devices=1)
+
+
+def test_ema_follows_its_recurrence_and_skips_non_finite_steps():
+    decay = 0.5
+    mesh, fn = step_fn(1, 1, ema_decay=decay)
+    state = fresh(mesh, ema=True)
+    ema = jax.device_get(state.params)
+    for seed in range(2):
+        data = sharding.global_batch(random_batch(seed=seed), mesh)
+        state, _ = fn(state, data["tokens"], data["valid"], detailed=False)
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, jax.device_get(state.params))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), ema,
+                 jax.device_get(state.ema_params))
+    assert state.eval_params() is state.ema_params
+    bad = random_batch(seed=5)
+    bad["tokens"][0, 0] = 10_000  # out of the vocabulary: embeds as NaN, a non-finite loss
+    data = sharding.global_batch(bad, mesh)
+    before = jax.device_get(state.ema_params)
+    state, metrics = fn(state, data["tokens"], data["valid"], detailed=False)
+    assert int(state.skipped_steps) == 1
+    jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state.ema_params))
+
+
+def test_training_with_ema_evaluates_and_restores_the_ema(tmp_path):
+    config = runpy.run_path(TINY)["get_config"]()
+    config.training.num_steps = 4
+    config.training.ema_decay = 0.9
+    config.sampling.num_samples_at_eval = 0
+    train.train(config, str(tmp_path))
+    trained = load_trained(str(tmp_path))
+    state_params = _restored_raw_params(str(tmp_path))
+    differs = jax.tree.map(lambda a, b: not np.allclose(a, b), jax.device_get(trained.params), state_params)
+    assert any(jax.tree.leaves(differs))  # sampling/evaluation get the EMA, not the raw parameters
+
+
+def _restored_raw_params(workdir):
+    """The raw (non-EMA) parameters of the workdir's latest checkpoint."""
+    from tdlm_jax import checkpoint
+    from tdlm_jax.data import dataset
+    config = load_config(workdir)
+    tok = dataset.load_tokenizer(workdir, config.data.tokenizer)
+    graphdef, params, optimizer, _ = train.build_model_and_optimizer(config, tok)
+    replicated = sharding.replicated(sharding.make_mesh())
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            jax.eval_shape(lambda: step_lib.init_state(params, optimizer, 0, ema=True)))
+    with checkpoint.Checkpointer(f"{workdir}/checkpoints") as checkpointer:
+        return jax.device_get(checkpointer.restore(checkpointer.latest_step(), abstract).params)
+
+
+def tiny_model(**overrides):
+    cfg = MODEL.__class__(**{**MODEL.__dict__, **overrides})
+    return nnx.split(Denoiser(cfg, nnx.Rngs(0)))
+
+
+def loss_and_grads(graphdef, params, dtype_of_logits=None):
+    data = random_batch(seed=3)
+    tokens, valid = jnp.asarray(data["tokens"]), jnp.asarray(data["valid"])
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(tokens, valid)
+        if dtype_of_logits is not None:
+            assert logits.dtype == dtype_of_logits
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(log_probs, jnp.where(valid, tokens, 0)[..., None], axis=-1)[..., 0]
+        return -jnp.where(valid, picked, 0.0).sum() / valid.sum()
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+def test_remat_changes_memory_not_math(policy):
+    graphdef, params = tiny_model()
+    remat_graphdef, _ = tiny_model(remat=True, remat_policy=policy)
+    loss, grads = loss_and_grads(graphdef, params)
+    remat_loss, remat_grads = loss_and_grads(remat_graphdef, params)
+    assert float(remat_loss) == pytest.approx(float(loss), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, remat_grads)
+
+
+def test_bf16_compute_keeps_float32_params_logits_and_loss():
+    graphdef, params = tiny_model()
+    bf16_graphdef, bf16_params = tiny_model(dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16_params))  # master weights
+    loss, _ = loss_and_grads(graphdef, params)
+    bf16_loss, bf16_grads = loss_and_grads(bf16_graphdef, params, dtype_of_logits=jnp.float32)
+    assert bf16_loss.dtype == jnp.float32
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(bf16_grads))
+    # bf16 has 8 mantissa bits: the loss moves by rounding, not by a broken softmax.
+    assert float(bf16_loss) == pytest.approx(float(loss), rel=2e-2)
+
+
+def test_padded_vocabulary_never_predicts_the_padding_ids():
+    config = runpy.run_path(TINY)["get_config"]()
+    config.model.vocab_size = 264
+    model_cfg = config_lib.model_config(config, vocab_size=259, num_predictable=257)
+    assert model_cfg.vocab_size == 264
+    graphdef, params = nnx.split(Denoiser(model_cfg, nnx.Rngs(0)))
+    logits = nnx.merge(graphdef, params)(jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool))
+    assert logits.shape[-1] == 264
+    assert bool(jnp.all(jnp.isneginf(logits[..., 257:]))) and bool(jnp.all(jnp.isfinite(logits[..., :257])))
+    config.model.vocab_size = 100
+    with pytest.raises(ConfigError, match="model.vocab_size=100 is smaller than the 259 ids"):
+        config_lib.model_config(config, vocab_size=259, num_predictable=257)
