@@ -71,10 +71,9 @@ def split_windows(config, tokenizer, split: str, max_sequences: int | None = Non
         raise ConfigError(f"--split={split!r}: must be one of {', '.join(SPLITS)}")
     if max_sequences is not None and max_sequences < 1:
         raise ConfigError(f"--max_sequences={max_sequences}: must be a positive integer (leave it out for all)")
-    tokens_NxL, valid_NxL = dataset.split_windows(config.data, tokenizer)[split]
-    if max_sequences:
-        tokens_NxL, valid_NxL = tokens_NxL[:max_sequences], valid_NxL[:max_sequences]
-    return tokens_NxL, valid_NxL
+    # Windows are cut from the memory-mapped token cache: only the ones asked for are read,
+    # so a capped evaluation of a large corpus's training split stays cheap.
+    return dataset.training_windows(config.data, tokenizer)[split].rows(0, max_sequences or None)
 
 
 def sample_noise(key: jax.Array, seq_ids_B: jax.Array, k: jax.Array, *, t_min: float, num_t_samples: int,

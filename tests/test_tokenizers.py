@@ -65,6 +65,10 @@ def test_round_trips_and_special_ids(bpe_dir, sentencepiece_model):
         assert shown.endswith(f"{mask}<|endoftext|>") and "[PAD]" not in shown, tok.name
         with pytest.raises(ValueError, match="must lie in"):
             tok.decode([tok.vocab_size])
+        # Batched encoding (what the token cache uses) gives exactly the per-text ids.
+        batch = tok.encode_batch([TEXT, "", "Hello world"])
+        assert [ids.tolist() for ids in batch] == [tok.encode(t).tolist() for t in (TEXT, "", "Hello world")], tok.name
+        assert all(ids.dtype == np.int32 for ids in batch)
 
 
 def test_gpt2_is_the_real_gpt2():

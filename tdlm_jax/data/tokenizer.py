@@ -49,6 +49,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
+
     def decode(self, ids: Iterable[int] | np.ndarray) -> str: ...
 
 
@@ -112,6 +114,15 @@ class ByteTokenizer:
         """Returns the UTF-8 bytes of `text` as a 1-D int32 array of ids."""
         # frombuffer avoids a Python-level loop over a multi-megabyte corpus.
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode` of each text (bytes need no batching to be fast)."""
+        return [self.encode(text) for text in texts]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files that define the tokenizer: none, the byte ids are fixed."""
+        return ()
 
     def decode(self, ids: Iterable[int] | np.ndarray, mask_str: str = "_", eos_str: str = "<|endoftext|>") -> str:
         """Turns ids back into text: [PAD] dropped, [MASK] shown as `mask_str` ("_" is
