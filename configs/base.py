@@ -12,8 +12,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # parameters, data order and diffusion noise all derive from it
 
     config.data = ml_collections.ConfigDict()
-    # 'shakespeare' (built in, one document) or a path/glob of .txt, .jsonl or .parquet files.
+    # 'shakespeare' (built in, one document), a path/glob of .txt, .jsonl or .parquet files, or
+    # 'hf:<dataset name or local dir>[:<config>][@<revision>]', a Hugging Face dataset read as a stream
+    # (pip install -e ".[hf]"), e.g. 'hf:HuggingFaceFW/fineweb-edu:sample-10BT'.
     config.data.source = "shakespeare"
+    config.data.hf_max_documents = 0  # hf: sources only: read at most this many rows per split (0 = all)
     config.data.txt_documents = "file"  # .txt files: one document per 'file' or per blank-line 'paragraph'
     config.data.text_field = "text"  # the JSONL field / Parquet column holding each document's text
     # 'byte' (256 bytes + EOS, [MASK], [PAD]), 'gpt2', 'bpe:<vocab_size>' (trained on the training text,
@@ -26,6 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.val_fraction = 0.05  # held out: the last 5% of the documents, or of the tokens of a single one
     config.data.eval_batch_size = 32
     config.data.num_eval_batches = 8  # fixed validation batches, the same at every eval
+    # The source is tokenized once into memory-mapped files here, and reused by every run (and resume)
+    # with the same source, tokenizer and split. '' = $TDLM_CACHE_DIR, else ~/.cache/tdlm_jax/tokens:
+    # shared by all workdirs, so a sweep tokenizes a large corpus once.
+    config.data.cache_dir = ""
+    # Batches are read in the training process (0), or by this many grain worker processes, each
+    # keeping prefetch_buffer_size batches ready. The iterator's checkpointed position is the same either way.
+    config.data.worker_count = 0
+    config.data.prefetch_buffer_size = 2
 
     config.model = ml_collections.ConfigDict()
     config.model.kind = "diffusion"  # 'diffusion', or 'ar' for the autoregressive baseline
@@ -42,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     # What a rematerialized block saves: 'nothing_saveable', 'dots_saveable' (keeps matmul outputs),
     # 'dots_with_no_batch_dims_saveable' or 'everything_saveable' (jax.checkpoint_policies).
     config.model.remat_policy = "nothing_saveable"
+    # Attention kernel: 'auto' (cuDNN's fused flash attention on an NVIDIA GPU with bfloat16,
+    # the XLA path elsewhere), 'xla', or 'cudnn' (an error where it does not apply).
+    config.model.attention_impl = "auto"
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.schedule = "linear"  # α(t): 'linear' (1 − t), 'cosine', 'polynomial', 'loglinear'
@@ -79,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.max_consecutive_nonfinite = 100
     # Resuming with a different model, data or batch is refused unless this is set.
     config.training.allow_config_change = False
+    # JAX's persistent compilation cache, so a resumed run loads its compiled steps instead of
+    # recompiling: '' keeps it in <workdir>/compilation_cache, a path puts it there (e.g. one
+    # directory shared by a sweep's runs), 'none' turns it off.
+    config.training.compilation_cache_dir = ""
 
     # Samples written to the writers as text at every evaluation (0 samples turns it off).
     config.sampling = ml_collections.ConfigDict()

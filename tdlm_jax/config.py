@@ -14,13 +14,13 @@ import ml_collections
 
 from tdlm_jax.diffusion.corruption import LOSS_WEIGHTINGS, TIME_SAMPLING, ForwardProcess
 from tdlm_jax.diffusion.schedules import SCHEDULES, Schedule
-from tdlm_jax.data import tokenizer as tokenizer_lib
+from tdlm_jax.data import hf_source, tokenizer as tokenizer_lib
 from tdlm_jax.data.documents import TXT_DOCUMENTS
 from tdlm_jax.data.pipeline import PACKINGS
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.generation import SAMPLERS
 from tdlm_jax.metrics.health import thresholds_from_config
-from tdlm_jax.model.transformer import REMAT_POLICIES, ModelConfig
+from tdlm_jax.model.transformer import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig
 from tdlm_jax.optim import DECAY_SCHEDULES
 from tdlm_jax.sharding import resolve_mesh_shape
 from tdlm_jax.step import OBJECTIVES
@@ -28,7 +28,7 @@ from tdlm_jax.step import OBJECTIVES
 TOKENIZERS = tokenizer_lib.KINDS  # the forms data.tokenizer may take; parse_name checks one
 DTYPES = ("float32", "bfloat16")
 POSITIVE_INTS = (
-    "data.seq_len", "data.eval_batch_size", "data.num_eval_batches",
+    "data.seq_len", "data.eval_batch_size", "data.num_eval_batches", "data.prefetch_buffer_size",
     "model.d_model", "model.num_heads", "model.num_layers", "model.mlp_dim",
     "training.num_steps", "training.batch_size", "training.logging_steps",
     "training.detailed_metrics_steps", "training.attention_analysis_steps",
@@ -42,6 +42,7 @@ CHOICES = {
     "data.txt_documents": TXT_DOCUMENTS,
     "model.dtype": DTYPES,
     "model.remat_policy": REMAT_POLICIES,
+    "model.attention_impl": ATTENTION_IMPLS,
     "diffusion.schedule": SCHEDULES,
     "diffusion.time_sampling": TIME_SAMPLING,
     "diffusion.loss_weighting": LOSS_WEIGHTINGS,
@@ -107,7 +108,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(isinstance(vocab, int) and not isinstance(vocab, bool) and vocab >= 0, "model.vocab_size", vocab,
              "must be 0 (the tokenizer's vocabulary) or a padded size >= it")
     accum, batch = _get(config, "training.grad_accum_steps"), _get(config, "training.batch_size")
-    _require(batch % (accum * num_devices) == 0, "training.grad_accum_steps", accum,
+    # (accum == 1 is the plain batch-divisibility check at the end)
+    _require(accum == 1 or batch % (accum * num_devices) == 0, "training.grad_accum_steps", accum,
              f"training.batch_size={batch} must split into {accum} microbatches that divide over {num_devices} "
              f"devices: use a batch size that is a multiple of {accum * num_devices}")
 
@@ -129,10 +131,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     resolve_mesh_shape(_get(config, "sharding.mesh_shape"), num_devices)
     for key in ("training.batch_size", "data.eval_batch_size"):
         size = _get(config, key)
-        for count, what in ((num_devices, "batch shards (sharding.mesh_shape data × fsdp = the device count)"),
-                            (process_count, "processes")):
+        for count, what, why in ((num_devices, "devices", " (one row block per device of the data × fsdp mesh)"),
+                                 (process_count, "processes", "")):
             _require(size % count == 0, key, size,
-                     f"does not divide over {count} {what}: use a multiple of {count}")
+                     f"does not divide over {count} {what}: use a multiple of {count}{why}")
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:
@@ -147,7 +149,19 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
              "must be the non-empty name of the JSONL field / Parquet column holding the text")
     source = _get(config, "data.source")
     _require(isinstance(source, str) and bool(source.strip()), "data.source", source,
-             "must be 'shakespeare' or a path or glob of .txt, .jsonl or .parquet files")
+             "must be 'shakespeare', a path or glob of .txt, .jsonl or .parquet files, or hf:<dataset name>")
+    if hf_source.is_hf_source(source):
+        try:
+            hf_source.parse_source(source)
+        except ValueError as e:
+            _require(False, "data.source", source, str(e))
+    for key in ("data.worker_count", "data.hf_max_documents"):  # 0 means in-process / all rows
+        value = _get(config, key)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, value,
+                 "must be an integer >= 0")
+    cache_dir = _get(config, "data.cache_dir")
+    _require(isinstance(cache_dir, str), "data.cache_dir", cache_dir,
+             "must be a directory path, or '' for $TDLM_CACHE_DIR or ~/.cache/tdlm_jax/tokens")
 
 
 def _valid_edges(edges: Any) -> bool:
@@ -190,7 +204,8 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int, num_pred
                        num_heads=m.num_heads, num_layers=m.num_layers, mlp_dim=m.mlp_dim, dtype=m.dtype,
                        time_conditioning=bool(m.time_conditioning),
                        causal=m.get("kind", "diffusion") == "ar",  # runs saved before model.kind were diffusion
-                       remat=bool(m.get("remat", False)), remat_policy=m.get("remat_policy", "nothing_saveable"))
+                       remat=bool(m.get("remat", False)), remat_policy=m.get("remat_policy", "nothing_saveable"),
+                       attention_impl=m.get("attention_impl", "auto"))
 
 
 def ema_decay(config: ml_collections.ConfigDict) -> float:

@@ -22,6 +22,16 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory for checkpoints, metrics and TensorBoard events. "
     "Default: runs/<config file stem>. Running again with the same workdir resumes.")
 flags.mark_flag_as_required("config")
+# Multi-host jobs (see tdlm_jax.distributed): SLURM, Open MPI and Cloud TPU are detected
+# automatically; elsewhere pass these three (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+# JAX_PROCESS_ID) to every process.
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, which every process of a multi-host job connects to.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the multi-host job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+_CLUSTER_DETECTION = flags.DEFINE_string(
+    "cluster_detection_method", None, "Force one of JAX's cluster detections: slurm, ompi, mpi4py, gcetpu, "
+    "gketpu or k8s (mpi4py and k8s are never automatic).")
 
 
 class _OnlyOurInfo(logging_std.Filter):
@@ -89,11 +99,33 @@ def _fail_config_file(path: str, error: BaseException) -> None:
           "pass --config=configs/base.py or another file that defines get_config()")
 
 
+def join_multihost_job() -> int:
+    """Initializes jax.distributed if this process is part of a multi-host job (before anything
+    touches the backend); returns this process's index, 0 for a single-process run."""
+    from tdlm_jax import distributed
+
+    try:
+        plan = distributed.plan(coordinator_address=_COORDINATOR_ADDRESS.value, num_processes=_NUM_PROCESSES.value,
+                                process_id=_PROCESS_ID.value, cluster_detection_method=_CLUSTER_DETECTION.value,
+                                on_cloud_tpu=distributed.on_cloud_tpu())
+        distributed.initialize(plan)
+    except TdlmError as e:
+        _fail(str(e))
+    if plan is None:
+        return 0
+    import jax
+
+    logging.info("joined a %d-process job (%s) as process %d", jax.process_count(), plan.source, jax.process_index())
+    return jax.process_index()
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_OnlyOurInfo())
+    if join_multihost_job() > 0:
+        logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress; the others only problems
     from tdlm_jax import train  # after flag parsing: importing JAX is slow and --help should not wait
 
     config = load_config()

@@ -1,26 +1,84 @@
-"""Device mesh and placement: the batch is sharded over every device, parameters replicated.
+"""Device mesh and placement: data parallelism, with FSDP as an option.
 
-The mesh has one `data` axis spanning all devices of all hosts, with Auto axis types so
-that XLA's partitioner (GSPMD) places intermediates: the step code is written for the
-global batch and runs unchanged on 1 device or N. Each host feeds only its own rows;
-`global_batch` assembles them into one global array.
+The mesh has two axes, `data` and `fsdp`, spanning all devices of all hosts
+(`sharding.mesh_shape`, default (-1, 1): pure data parallelism). The batch is sharded over
+both axes together, so every device gets its own rows. Parameters and optimizer state are
+sharded over `fsdp` by `state_shardings` and replicated over `data`: with fsdp=1 that is
+plain replication. XLA's partitioner (GSPMD) inserts the all-gathers of the parameters
+and the reduce-scatter of the gradients, so the step code is written for the global batch
+and unsharded parameters, and runs unchanged on 1 device or N.
+
+Axis types stay Auto: Explicit axes would reject the uneven bucket slices that the
+stratified sampler's tier-2 metrics take of the batch.
+
+Devices are laid out data-major (jax.make_mesh keeps each host's devices contiguous), so
+an fsdp group no larger than a host's device count stays within one host, where its
+all-gathers are cheapest. Each host feeds only its own rows; `global_batch` assembles them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from tdlm_jax.errors import ConfigError
+
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+DEFAULT_MESH_SHAPE = (-1, 1)
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D data-parallel mesh over `devices` (default: all devices of all hosts)."""
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, int]:
+    """(data, fsdp) sizes for `num_devices`; one entry may be -1, meaning "the remaining devices".
+
+    Raises ConfigError, naming `sharding.mesh_shape`, when the shape is malformed or its
+    product is not the device count.
+    """
+    key = "sharding.mesh_shape"
+    shape = tuple(mesh_shape) if isinstance(mesh_shape, (tuple, list)) else None
+    if (shape is None or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and (s > 0 or s == -1) for s in shape)
+            or shape.count(-1) > 1):
+        raise ConfigError(f"config error: {key}={mesh_shape!r}: must be two positive integers (data, fsdp), "
+                          "one of which may be -1 for the remaining devices, e.g. (-1, 1)")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ConfigError(f"config error: {key}={mesh_shape!r}: {num_devices} devices do not divide "
+                              f"into groups of {known}: use sizes whose product divides {num_devices}")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ConfigError(f"config error: {key}={mesh_shape!r}: its product {math.prod(shape)} is not the "
+                          f"{num_devices} devices of this job: use sizes whose product is {num_devices}, "
+                          "or -1 for one of them")
+    return shape  # type: ignore[return-value]
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None,
+              mesh_shape: Sequence[int] = DEFAULT_MESH_SHAPE) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all devices of all hosts)."""
     devices = list(devices) if devices is not None else jax.devices()
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+    shape = resolve_mesh_shape(mesh_shape, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch is split over; a mesh built elsewhere may have only `data`."""
+    return tuple(a for a in MESH_AXES if a in mesh.axis_names)
+
+
+def fsdp_size(mesh: Mesh) -> int:
+    return mesh.shape.get(FSDP_AXIS, 1)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    """Into how many row blocks the batch is split: the size of the data and fsdp axes together."""
+    return math.prod(mesh.shape[a] for a in _batch_axes(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -28,11 +86,57 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Leading (batch) dimension split over the data and fsdp axes together."""
+    return NamedSharding(mesh, P(_batch_axes(mesh)))
+
+
+def fsdp_spec(shape: Sequence[int], fsdp: int) -> P:
+    """The partition spec of one parameter-like array under FSDP over `fsdp` devices.
+
+    The rule: an array with at least 2 dimensions is split along its largest dimension that
+    `fsdp` divides (the first one on ties); vectors (norm scales), scalars (step, counts, the
+    RNG key) and matrices no dimension of which `fsdp` divides stay replicated. Matrices
+    hold almost all of a transformer's parameters; the rest are O(d_model), and sharding
+    them would cost an all-gather's latency each to save next to no memory.
+    """
+    if fsdp == 1 or len(shape) < 2:
+        return P()
+    divisible = [i for i, size in enumerate(shape) if size % fsdp == 0]
+    if not divisible:
+        return P()
+    axis = max(divisible, key=lambda i: (shape[i], -i))
+    return P(*(FSDP_AXIS if i == axis else None for i in range(len(shape))))
+
+
+def state_shardings(mesh: Mesh, tree: Any) -> Any:
+    """A NamedSharding for each array leaf of `tree` (arrays or ShapeDtypeStructs): `fsdp_spec`.
+
+    It depends only on each leaf's shape, so params, their optimizer moments, their EMA and
+    their gradients, which share shapes, are all sharded alike, and the same tree of
+    shardings serves `jax.device_put`, `jax.jit(out_shardings=...)` and checkpoint restore.
+    """
+    fsdp = fsdp_size(mesh)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp)), tree)
+
+
+def place_state(tree: Any, mesh: Mesh) -> Any:
+    """Places a state or params pytree on the mesh as `state_shardings` says."""
+    return jax.device_put(tree, state_shardings(mesh, tree))
+
+
+def gather_params(params: Any, mesh: Mesh) -> Any:
+    """Inside jit: `params` constrained to be whole on every device, i.e. FSDP's all-gather
+    before use. XLA then runs the forward and backward passes data-parallel and reduce-
+    scatters the gradients into the sharded optimizer update. Without it, GSPMD propagates
+    the parameters' fsdp splits into the activations (sharding attention heads or d_model)
+    and then has to rematerialize them in full to meet the batch-sharded layout."""
+    if fsdp_size(mesh) == 1:
+        return params
+    return jax.lax.with_sharding_constraint(params, replicated(mesh))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places a pytree on every device of the mesh."""
+    """Places a pytree whole on every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))
 
 

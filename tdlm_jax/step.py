@@ -1,7 +1,8 @@
 """Pure jitted train and eval steps: no I/O and no config reads inside jit.
 
-The train step is one `jax.jit` function over global arrays: the batch is sharded along
-the mesh's data axis and the state is replicated, so XLA inserts the gradient all-reduce
+The train step is one `jax.jit` function over global arrays: the batch is sharded over
+the mesh's (data, fsdp) axes and the state is replicated, or sharded over fsdp
+(`sharding.state_shardings`), so XLA inserts the gradient all-reduce (or reduce-scatter)
 and the same code runs on 1 device or N. Its `detailed` argument is static and selects a
 separately compiled variant that also computes the tier-2 research metrics; both variants
 apply the same parameter update (see `tdlm_jax.metrics.research`).
@@ -228,23 +229,44 @@ def eval_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax
     }
 
 
+def _on_gathered_params(step_fn: Callable, mesh: Mesh, params_of: Callable, with_params: Callable) -> Callable:
+    """`step_fn` with its parameters all-gathered first under FSDP (`sharding.gather_params`).
+
+    The wrapper keeps `step_fn`'s name, which is what JAX reports when it compiles it (the
+    compile counts of tdlm_jax.compilation are kept per name).
+    """
+    def gathered(first: Any, *args: Any, **kwargs: Any) -> Any:
+        return step_fn(with_params(first, sharding.gather_params(params_of(first), mesh)), *args, **kwargs)
+
+    name = getattr(step_fn, "__name__", None) or step_fn.func.__name__
+    gathered.__name__ = gathered.__qualname__ = name
+    return gathered
+
+
+def _params_first(step_fn: Callable, mesh: Mesh) -> Callable:
+    return _on_gathered_params(step_fn, mesh, lambda params: params, lambda _, params: params)
+
+
 def jit_train_step(mesh: Mesh, state_sharding: Any = None, **static) -> Callable[..., tuple[TrainState, dict]]:
     """`train_step` jitted with donated state; call as f(state, tokens, valid, detailed=bool).
 
     `state_sharding` is where the new state is placed, normally `sharding.state_shardings(mesh,
     state)` (FSDP over the mesh's fsdp axis); None replicates it. It must match the input
-    state's placement, or donation cannot reuse the buffers. Metrics come back replicated.
+    state's placement, or donation cannot reuse the buffers. Under FSDP the parameters are
+    all-gathered for the passes (`sharding.gather_params`). Metrics come back replicated.
     """
     replicated = sharding.replicated(mesh)
-    return jax.jit(functools.partial(train_step, **static), static_argnames=("detailed",),
-                   donate_argnums=(0,), out_shardings=(state_sharding or replicated, replicated))
+    step_fn = _on_gathered_params(functools.partial(train_step, **static), mesh, lambda state: state.params,
+                                  lambda state, params: state.replace(params=params))
+    return jax.jit(step_fn, static_argnames=("detailed",), donate_argnums=(0,),
+                   out_shardings=(state_sharding or replicated, replicated))
 
 
 def jit_eval_step(mesh: Mesh, **static) -> Callable[..., dict]:
-    """`eval_step` jitted; call as f(params, tokens, valid, rng) with params placed in any
-    layout (replicated or FSDP-sharded: XLA gathers them). Sums come back replicated."""
-    return jax.jit(functools.partial(eval_step, **static), out_shardings=sharding.replicated(mesh))
-
+    """`eval_step` jitted; call as f(params, tokens, valid, rng) with params replicated or
+    FSDP-sharded (then all-gathered for the pass). Sums come back replicated."""
+    return jax.jit(_params_first(functools.partial(eval_step, **static), mesh),
+                   out_shardings=sharding.replicated(mesh))
 
 
 def analysis_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax.Array, *,
@@ -264,6 +286,7 @@ def analysis_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng:
 
 
 def jit_analysis_step(mesh: Mesh, **static) -> Callable[..., dict]:
-    """`analysis_step` jitted; call as f(params, tokens, valid, rng), params in any layout.
-    Metrics come back replicated."""
-    return jax.jit(functools.partial(analysis_step, **static), out_shardings=sharding.replicated(mesh))
+    """`analysis_step` jitted; call as f(params, tokens, valid, rng), params replicated or
+    FSDP-sharded (then all-gathered). Metrics come back replicated."""
+    return jax.jit(_params_first(functools.partial(analysis_step, **static), mesh),
+                   out_shardings=sharding.replicated(mesh))

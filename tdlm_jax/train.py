@@ -30,11 +30,11 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tdlm_jax import checkpoint, generation, sharding
+from tdlm_jax import checkpoint, compilation, generation, sharding
 from tdlm_jax import config as config_lib
 from tdlm_jax import optim
 from tdlm_jax import step as step_lib
-from tdlm_jax.data import dataset, pipeline, tokenizer as tokenizer_lib
+from tdlm_jax.data import dataset, tokenizer as tokenizer_lib
 from tdlm_jax.errors import CheckpointError, ConfigError, TrainingError
 from tdlm_jax.metrics import aggregation, health, writers
 from tdlm_jax.model.transformer import Denoiser
@@ -50,15 +50,11 @@ class Data:
 
 
 def build_data(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, mesh) -> Data:
-    """Loads, splits, tokenizes and packs `data.source` (see tdlm_jax.data.dataset)."""
-    splits = dataset.split_windows(config.data, tok)
-    dataset.check_enough_for_a_batch(splits["train"], config.training.batch_size, config.data.seq_len)
-    train_iterator = pipeline.train_iterator_from_windows(
-        *splits["train"], global_batch_size=config.training.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    eval_batches = pipeline.eval_batches_from_windows(
-        *splits["val"], batch_size=config.data.eval_batch_size, num_batches=config.data.num_eval_batches,
-        pad_id=tok.pad_id)
+    """Loads, splits, tokenizes (once, into the token cache) and packs `data.source` (see
+    tdlm_jax.data.dataset); the training iterator reads windows from the cache lazily."""
+    built = dataset.build_training_data(config, tok, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    train_iterator, eval_batches = built.train_iterator, built.eval_batches
     # Every host builds the same fixed validation batches; each feeds its own rows.
     rows = config.data.eval_batch_size // jax.process_count()
     first = jax.process_index() * rows
@@ -178,7 +174,11 @@ def restore_latest_usable(checkpointer: checkpoint.Checkpointer, state: step_lib
 # iterator's saved position means. Everything else (steps, frequencies, learning rate,
 # evaluation, logging) may change, and the changes are logged.
 STRUCTURAL_KEYS = ("model.", "data.", "training.batch_size", "seed")
-EVALUATION_KEYS = ("data.eval_batch_size", "data.num_eval_batches")  # data keys that may change
+# Keys under those prefixes that change how the run computes or reads, not what it computes:
+# evaluation size, input workers and cache location, attention kernel, rematerialization.
+CHANGEABLE_KEYS = ("data.eval_batch_size", "data.num_eval_batches", "data.worker_count",
+                   "data.prefetch_buffer_size", "data.cache_dir", "model.attention_impl", "model.remat",
+                   "model.remat_policy")
 
 
 def check_config_change(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -195,7 +195,7 @@ def check_config_change(config: ml_collections.ConfigDict, workdir: str) -> None
     if not changed:
         return
     described = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-    structural = [k for k in changed if k.startswith(STRUCTURAL_KEYS) and k not in EVALUATION_KEYS]
+    structural = [k for k in changed if k.startswith(STRUCTURAL_KEYS) and k not in CHANGEABLE_KEYS]
     if structural and not config.training.get("allow_config_change", False):
         raise ConfigError(f"config error: resuming {workdir} with a different {', '.join(structural)} "
                           f"({described}): use a new --workdir, or --config.training.allow_config_change=true")
@@ -288,6 +288,7 @@ def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_v
     interval = aggregation.empty_interval(names)
     aggregation.accumulate(interval, {k: jnp.zeros(()) for k in names})  # compile now
     compiled: set[bool] = set()
+    recompiles = compilation.RecompileCheck("train_step")  # warns if it compiles more than once per variant
     for step in range(run.start_step + 1, tc.num_steps + 1):
         batch = sharding.global_batch(next(run.data.train_iterator), run.mesh)
         if run.is_diffusion and step % tc.attention_analysis_steps == 0:  # tier 3, on this step's inputs
@@ -301,6 +302,7 @@ def run_loop(config: ml_collections.ConfigDict, run: Run, log: MetricLog, best_v
         if tic is not None:
             log.exclude(_synced_time(state) - tic)
             compiled.add(detailed)
+        recompiles.check(len(compiled))
         log.flush()  # earlier rows: their fetch overlaps this step's compute
         if log.consecutive_skips >= tc.max_consecutive_nonfinite:
             stop_after_nonfinite(run, state, step, log.consecutive_skips)
@@ -338,6 +340,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | 
     wall_start = time.time()
     ensure_writable(workdir)
     check_config_change(config, workdir)
+    # Compiled steps are kept on disk, so a resumed run loads them instead of recompiling.
+    compilation.enable_persistent_cache(compilation.cache_dir(config, workdir))
     run = build_run(config, workdir)
     primary = jax.process_index() == 0
     writer = writers.create_default_writer(workdir, wandb_project=config.logging.wandb_project,
@@ -368,6 +372,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | 
         raise
     finally:
         run.checkpointer.close()
+        run.data.train_iterator.close()  # stops grain's worker processes, if any
     if preemption.requested:
         writer.close()
         return {"preempted_at_step": int(state.step)}
@@ -406,17 +411,25 @@ class Preemption:
     waits forever for the hosts that went on. There, JAX's preemption sync manager (started
     by jax.distributed.initialize) catches SIGTERM itself, tells every host, and
     `reached_preemption_sync_point` becomes true at one step they all agree on; it costs no
-    host sync on the steps before a notice. A single process just sets a flag.
+    host sync on the steps before a notice. A single process just sets a flag. A multi-host
+    job whose sync manager is turned off (jax_enable_preemption_service) leaves SIGTERM to
+    kill the process: the job then fails and resumes from its last regular checkpoint,
+    instead of hanging in a save that only one host started.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
         self._synced = jax.distributed.is_initialized() and _preemption_service_running()
+        self._handles_sigterm = self._synced or jax.process_count() == 1
+        if not self._handles_sigterm:
+            logging.warning("jax_enable_preemption_service is off: a SIGTERM stops this multi-host job without "
+                            "a final checkpoint; it resumes from the last one")
 
     def __enter__(self) -> "Preemption":
         # A Python handler would replace the sync manager's, which then never hears of SIGTERM.
-        if not self._synced and threading.current_thread() is threading.main_thread():  # signals go there
+        if (not self._synced and self._handles_sigterm
+                and threading.current_thread() is threading.main_thread()):  # signals go to the main thread
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -441,14 +454,16 @@ def _preemption_service_running() -> bool:
     return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "tokenizer_info.json")  # the last: written first
+# The last two are written first (tokenizer_info.json by build_run, the compilation cache before it).
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "tokenizer_info.json", compilation.CACHE_SUBDIR)
 
 
 def ensure_writable(workdir: str) -> None:
     """A clear error now, rather than a traceback at the first checkpoint or metric write,
     and never a run written into a directory that holds something else (e.g. --workdir=.)."""
-    # Another host's write probe is not "other files": every host of a job runs this at once.
-    others = [n for n in os.listdir(workdir) if not n.startswith(".write_test")] if os.path.isdir(workdir) else []
+    # Hidden files are not "other files": every host of a job runs this at once, and another
+    # host's write probe or half-written record (.tokenizer_info.json.*.tmp) may be there.
+    others = [n for n in os.listdir(workdir) if not n.startswith(".")] if os.path.isdir(workdir) else []
     if others and not any(os.path.exists(os.path.join(workdir, name)) for name in RUN_FILES):
         raise CheckpointError(f"workdir {workdir} holds other files and no tdlm_jax run: pass a new or empty "
                               "--workdir (the default is runs/<config name>)")

@@ -37,12 +37,14 @@ def optimizer_and_schedule():
 
 
 @functools.lru_cache(maxsize=None)
-def train_fn(num_devices: int, sampling: str = "stratified", t_min: float = 1e-3):
-    """The jitted train step on a mesh of the first `num_devices` devices."""
-    mesh = sharding.make_mesh(jax.devices()[:num_devices])
+def train_fn(num_devices: int, sampling: str = "stratified", t_min: float = 1e-3, mesh_shape=(-1, 1)):
+    """The jitted train step on a (data, fsdp) = `mesh_shape` mesh of the first `num_devices` devices."""
+    mesh = sharding.make_mesh(jax.devices()[:num_devices], mesh_shape)
     optimizer, schedule = optimizer_and_schedule()
-    fn = step_lib.jit_train_step(mesh, graphdef=model_parts()[0], process=make_process(sampling, t_min),
-                                 optimizer=optimizer, lr_schedule=schedule)
+    graphdef, params = model_parts()  # outside eval_shape: the cached params must be concrete
+    abstract = jax.eval_shape(lambda: step_lib.init_state(params, optimizer, seed=0))
+    fn = step_lib.jit_train_step(mesh, sharding.state_shardings(mesh, abstract), graphdef=graphdef,
+                                 process=make_process(sampling, t_min), optimizer=optimizer, lr_schedule=schedule)
     return mesh, fn
 
 
@@ -50,7 +52,7 @@ def fresh_state(mesh):
     """A new state; copied, because the train step donates (and so deletes) its input."""
     optimizer, _ = optimizer_and_schedule()
     params = jax.tree.map(lambda x: x.copy(), model_parts()[1])
-    return sharding.replicate(step_lib.init_state(params, optimizer, seed=0), mesh)
+    return sharding.place_state(step_lib.init_state(params, optimizer, seed=0), mesh)  # FSDP on an fsdp mesh
 
 
 def random_batch(seed: int = 0, with_padding: bool = True) -> dict[str, np.ndarray]:

@@ -172,6 +172,10 @@ def test_train_iterator_hosts_split_the_global_batch():
         assert all(len(r) == 4 for r in host_rows)
         assert not set(host_rows[0]) & set(host_rows[1])
         assert sorted(host_rows[0] + host_rows[1]) == _rows(global_batch)
+        # Stacked in process order, the hosts' rows are the single-host batch, row for row:
+        # the stratified sampler assigns noise by row, so the order is part of the math.
+        stacked = np.concatenate([h[step]["tokens"] for h in hosts])
+        np.testing.assert_array_equal(stacked, global_batch["tokens"])
 
 
 def test_train_iterator_rejects_indivisible_batch():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -172,9 +173,13 @@ def _check_or_write_info(workdir: str, tok: Tokenizer, write: bool = True) -> No
             raise DataError(f"tokenizer {tok.name!r} now gives {current}, but {path} recorded {saved}: restore "
                             "the tokenizer the run used, or use a new --workdir")
     elif write:
+        # Via a temporary file and a rename: every host of a multi-host job writes this record
+        # at start-up, and none may read another's half-written file.
         os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
+        fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{TOKENIZER_INFO}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
             json.dump(current, f, indent=2)
+        os.replace(tmp, path)
 
 
 def _check_val_fraction(val_fraction: float) -> None:

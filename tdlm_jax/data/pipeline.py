@@ -145,11 +145,11 @@ def make_train_iterator(
     """Returns an infinite, checkpointable iterator of this host's training batches.
 
     Windows are shuffled with a fresh permutation every epoch (grain's shuffle
-    derives a per-epoch seed from the epoch index). Host sharding takes every
-    `process_count`-th element of the shuffled stream, starting at
-    `process_index`, so at every step the union of all hosts' batches is exactly
-    the global batch a single host would see (as a set of rows; row order
-    differs), and the hosts' batches are disjoint within an epoch.
+    derives a per-epoch seed from the epoch index). The stream is cut into
+    host-sized batches and host h takes every `process_count`-th one, starting
+    at h, so at every step the hosts' batches, stacked in process order, are
+    exactly the global batch a single host would see, rows in the same order
+    (the stratified sampler assigns noise levels by row, so the order matters).
 
     Args:
         tokens: 1-D training token stream.
@@ -231,10 +231,10 @@ def train_iterator(
         .shuffle(seed=_grain_seed(seed))
         .repeat()  # infinite; index // num_windows is the epoch the shuffle reseeds by
     )
-    # Strided sharding before batching: host h's step-k rows are global stream
-    # positions (k * B_local + j) * P + h, which together cover k*G .. (k+1)*G - 1.
-    ds = ds[process_index::process_count]
-    ds = ds.batch(local_batch_size, drop_remainder=True)
+    # Host h's step-k rows are stream positions (k * P + h) * B_local + j: the contiguous
+    # block h of global batch k, which make_array_from_process_local_data places at rows
+    # h * B_local ... of the global array, as one host reading the whole batch would.
+    ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
     return TrainIterator(ds, worker_count=int(worker_count), prefetch_buffer_size=int(prefetch_buffer_size))
 
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tdlm_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -39,6 +41,7 @@ class ModelConfig:
     causal: bool = False  # True for the autoregressive baseline
     remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
     remat_policy: str = "nothing_saveable"  # what a rematerialized block keeps: a jax.checkpoint_policies name
+    attention_impl: str = "auto"  # 'auto', 'xla' or 'cudnn' (see resolve_attention_impl)
 
     @property
     def head_dim(self) -> int:
@@ -89,19 +92,65 @@ def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: ja
                        mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Attention over the keys `mask` allows, written out so the probabilities are visible.
 
-    Mirrors the XLA path of `jax.nn.dot_product_attention`: float32 scores q·kᵀ/√head_dim,
-    padding keys set to a large negative *finite* value (not −inf, so that a row with no
-    valid key is uniform rather than NaN, as in the fused path), softmax in float32, and
-    probs cast to the value dtype for probs·v. Returns (output [B, L, N, H], probs
+    The arithmetic of the XLA path of `jax.nn.dot_product_attention`: float32 scores
+    q·kᵀ/√head_dim, padding keys set to a large negative *finite* value (not −inf, so that a
+    row with no valid key is uniform rather than NaN, as in the fused path), softmax in
+    float32, and probs cast to the value dtype for probs·v. The heads are moved in front of
+    the sequence first: on CPU, XLA runs the two batched matmuls faster in [B, N, L, H] than
+    in the [B, L, N, H] layout the fused path keeps. Returns (output [B, L, N, H], probs
     float32[B, N, queries, keys]).
     """
-    scores_BxNxLxL = jnp.einsum("bqnh,bknh->bnqk", q_BxLxNxH, k_BxLxNxH, preferred_element_type=jnp.float32)
+    q_BxNxLxH, k_BxNxLxH, v_BxNxLxH = (x.transpose(0, 2, 1, 3) for x in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
+    scores_BxNxLxL = jnp.einsum("bnqh,bnkh->bnqk", q_BxNxLxH, k_BxNxLxH, preferred_element_type=jnp.float32)
     scores_BxNxLxL = scores_BxNxLxL * jnp.float32(1.0 / math.sqrt(q_BxLxNxH.shape[-1]))
     large_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
     scores_BxNxLxL = jnp.where(mask, scores_BxNxLxL, large_negative)
     probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1)
-    out_BxLxNxH = jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxL.astype(v_BxLxNxH.dtype), v_BxLxNxH)
-    return out_BxLxNxH, probs_BxNxLxL
+    out_BxNxLxH = jnp.einsum("bnqk,bnkh->bnqh", probs_BxNxLxL.astype(v_BxLxNxH.dtype), v_BxNxLxH)
+    return out_BxNxLxH.transpose(0, 2, 1, 3), probs_BxNxLxL
+
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def cudnn_unsupported(dtype: str, head_dim: int, seq_len: int, device: jax.Device) -> str | None:
+    """Why cuDNN's fused attention cannot run these shapes on `device`, or None if it can.
+
+    The limits are those `jax.nn.dot_product_attention(implementation='cudnn')` checks:
+    an NVIDIA GPU, bf16 or fp16 inputs, a head dim that is a multiple of 8 and at most 128
+    (256 from Hopper, compute capability 9.0, on), and, because the padding mask reaches
+    the kernel as a bias, an even sequence length for its backward pass.
+    """
+    if device.platform != "gpu" or "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
+        return f"needs an NVIDIA GPU, not {device.platform} ({device.device_kind})"
+    if dtype not in ("bfloat16", "float16"):
+        return f"needs model.dtype='bfloat16', not {dtype!r}"
+    capability = tuple(int(x) for x in str(getattr(device, "compute_capability", "0.0")).split(".")[:2])
+    max_head_dim = 256 if capability >= (9, 0) else 128
+    if head_dim % 8 or head_dim > max_head_dim:
+        return f"needs a head dim (d_model / num_heads) that is a multiple of 8, at most {max_head_dim}: not {head_dim}"
+    if seq_len % 2:
+        return f"needs an even sequence length, not {seq_len}"
+    return None
+
+
+def resolve_attention_impl(requested: str, dtype: str, head_dim: int, seq_len: int,
+                           device: jax.Device | None = None) -> str:
+    """The kernel `model.attention_impl` runs on `device` (default: the first device): 'xla' or 'cudnn'.
+
+    'auto' takes cuDNN's fused flash attention wherever it applies (`cudnn_unsupported`)
+    and the XLA path elsewhere (CPU, TPU, float32). Raises ConfigError if 'cudnn' is
+    requested where it does not apply, or the name is unknown.
+    """
+    if requested not in ATTENTION_IMPLS:
+        raise ConfigError(f"config error: model.attention_impl={requested!r}: "
+                          f"must be one of {', '.join(ATTENTION_IMPLS)}")
+    if requested == "xla":
+        return "xla"
+    reason = cudnn_unsupported(dtype, head_dim, seq_len, device or jax.devices()[0])
+    if requested == "cudnn" and reason:
+        raise ConfigError(f"config error: model.attention_impl='cudnn' {reason}: use 'auto' or 'xla'")
+    return "xla" if reason else "cudnn"
 
 
 class Attention(nnx.Module):
@@ -115,20 +164,27 @@ class Attention(nnx.Module):
                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """The attention output [B, L, D]; with `return_probs`, also float32 probs [B, N, L, L].
 
-        Only the `return_probs` path materializes the [B, N, L, L] probabilities; training
-        keeps the fused kernel, which may never build them.
+        The kernel is `resolve_attention_impl(cfg.attention_impl, ...)`: the XLA path is
+        `explicit_attention`, whose probabilities XLA drops unless they are returned; the
+        cuDNN kernel never builds them, so `return_probs` always takes the explicit path.
         """
         batch, length, _ = x_BxLxD.shape
         cfg = self.cfg
-        qkv = self.qkv(x_BxLxD).reshape(batch, length, 3, cfg.num_heads, cfg.head_dim)
+        # The projections run on [B·L, D]: on CPU, XLA computes the weight gradient of a dot
+        # over a [B, L, D] input through a transposing copy that costs more than the dot.
+        qkv = self.qkv(x_BxLxD.reshape(batch * length, cfg.d_model))
+        qkv = qkv.reshape(batch, length, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = rotary_embedding(q, cfg.rope_base), rotary_embedding(k, cfg.rope_base)
         mask = attention_mask(valid_BxL, cfg.causal)
-        if return_probs:
+        impl = resolve_attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim, length)
+        if return_probs or impl == "xla":
             out_BxLxNxH, probs_BxNxLxL = explicit_attention(q, k, v, mask)
-            return self.out(out_BxLxNxH.reshape(batch, length, cfg.d_model)), probs_BxNxLxL
-        out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        return self.out(out_BxLxNxH.reshape(batch, length, cfg.d_model))
+        else:  # cuDNN takes the mask as an additive bias, which must span [B, 1, queries, keys]
+            mask_Bx1xLxL = jnp.broadcast_to(mask, (batch, 1, length, length))
+            out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL, implementation="cudnn")
+        out_BxLxD = self.out(out_BxLxNxH.reshape(batch * length, cfg.d_model)).reshape(batch, length, cfg.d_model)
+        return (out_BxLxD, probs_BxNxLxL) if return_probs else out_BxLxD
 
 
 class SwiGLU(nnx.Module):

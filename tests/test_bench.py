@@ -1,0 +1,126 @@
+"""The benchmark: each mode on configs/tiny.py, checked for consistency (never for speed)."""
+
+import os
+import pathlib
+import runpy
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tdlm_jax import bench, flops
+from tdlm_jax.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.py"
+SMALL_MATMUL = (128, jnp.float32, 1)  # the CPU peak's matmul, kept small: only consistency is checked
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    config = runpy.run_path(str(TINY))["get_config"]()
+    config.data.cache_dir = str(tmp_path_factory.mktemp("token_cache"))  # for the data mode
+    return bench.build_setup(config)
+
+
+def test_train_mode_reports_consistent_numbers(setup, capsys):
+    r = bench.run_train(setup, steps=1, repeats=2, matmul=SMALL_MATMUL)
+    assert r["tokens_per_step"] == 8 * 32
+    assert r["flops_per_token"] == flops.train_flops_per_token(setup.model_cfg, 32) == 197_184  # tests/test_flops.py
+    assert r["tokens_per_second"] == pytest.approx(r["tokens_per_step"] / r["step_seconds"])
+    assert r["model_flops_per_second"] == pytest.approx(r["flops_per_token"] * r["tokens_per_second"])
+    assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_second"] / r["peak_flops_per_second"])
+    assert r["peak_source"].startswith("measured f32 matmul")  # CPU: measured, not from the table
+    assert r["step_seconds"] == pytest.approx(sorted(r["step_seconds_by_repeat"])[0] / 2
+                                              + sorted(r["step_seconds_by_repeat"])[1] / 2)  # median of 2
+    assert r["peak_flops_per_second"] == max(r["matmul_flops_per_second_by_repeat"])  # the best repeat
+    paired = [r["flops_per_token"] * 256 / step / rate
+              for step, rate in zip(r["step_seconds_by_repeat"], r["matmul_flops_per_second_by_repeat"])]
+    assert r["mfu_paired_median"] == pytest.approx(sum(paired) / 2)
+    # XLA's count of the compiled step adds elementwise work, the loss and the optimizer.
+    assert 1.0 <= r["xla_flops_per_token"] / r["flops_per_token"] < 1.3
+    bench.print_train(r)
+    printed = capsys.readouterr().out
+    assert f"{100 * r['mfu']:10.1f} %" in printed and "N = 28,768 matmul params" in printed
+
+
+def test_tiers_mode_ratios_are_quotients_of_the_step_times(setup, capsys):
+    r = bench.run_tiers(setup, steps=1, repeats=2)
+    assert all(r[f"{name}_seconds"] > 0 for name in ("bare", "ordinary", "detailed", "analysis"))
+    assert r["tier1_ratio"] == pytest.approx(r["ordinary_seconds"] / r["bare_seconds"])
+    assert r["tier2_ratio"] == pytest.approx(r["detailed_seconds"] / r["bare_seconds"])
+    assert r["tier3_ratio"] == pytest.approx(r["analysis_seconds"] / r["bare_seconds"])
+    bench.print_tiers(r)
+    assert f"analysis / bare = {r['tier3_ratio']:.3f}" in capsys.readouterr().out
+
+
+def test_data_mode_compares_the_pipeline_with_the_step(setup, tmp_path):
+    r = bench.run_data(setup, steps=1, repeats=1, num_batches=3, workdir=str(tmp_path))
+    assert r["pipeline"]["num_batches"] == 3 and r["pipeline"]["tokens_per_batch"] == 8 * 32
+    assert r["pipeline_tokens_per_second"] > 0 and r["step_tokens_per_second"] > 0
+    assert r["pipeline_to_step_ratio"] == pytest.approx(r["pipeline_tokens_per_second"] / r["step_tokens_per_second"])
+
+
+def test_round_robin_warms_up_once_then_times_every_repeat():
+    calls = {"a": 0, "b": 0}
+
+    def variant(name):
+        def run():
+            calls[name] += 1
+            return jnp.zeros(())
+        return run
+
+    seconds = bench.time_round_robin({"a": variant("a"), "b": variant("b")}, steps=3, repeats=4)
+    assert calls == {"a": 1 + 3 * 4, "b": 1 + 3 * 4}
+    assert [len(seconds["a"]), len(seconds["b"])] == [4, 4] and min(seconds["a"] + seconds["b"]) > 0
+
+
+@pytest.mark.parametrize("kind, name, peak", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM", 989e12),
+    ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", "NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", "NVIDIA H200 SXM", 989e12),
+    ("NVIDIA GH200 480GB", "NVIDIA GH200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA A100", 312e12),
+    ("NVIDIA L4", "NVIDIA L4", 121e12),
+    ("NVIDIA L40S", "NVIDIA L40S", 362e12),
+    ("TPU v4", "TPU v4", 275e12),
+    ("TPU v5 lite", "TPU v5e", 197e12),
+    ("TPU v5", "TPU v5p", 459e12),
+    ("TPU v6 lite", "TPU v6e", 918e12),
+])
+def test_known_devices_have_their_bf16_dense_peak(kind, name, peak):
+    assert bench.known_peak(kind) == (name, peak)
+
+
+def test_peak_choice_table_measured_or_override():
+    h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    unknown = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA GeForce RTX 4090")
+    cpu = types.SimpleNamespace(platform="cpu", device_kind="cpu")
+    assert bench.known_peak("NVIDIA GeForce RTX 4090") is None and bench.known_peak("cpu") is None
+    assert bench.peak_for_device(h100, 8, None).flops_per_second == 8 * 989e12
+    fallback = bench.peak_for_device(unknown, 2, lambda: 100e12)
+    assert fallback.flops_per_second == 200e12 and "not in the table" in fallback.source
+    assert bench.peak_for_device(cpu, 4, lambda: 3e11).flops_per_second == 3e11  # fake devices share the cores
+    assert bench.peak_for_device(h100, 2, None, override_tflops=500).flops_per_second == 1000e12
+    with pytest.raises(ConfigError, match="peak_tflops"):
+        bench.peak_for_device(unknown, 1, None)
+
+
+def test_matmul_peak_counts_its_flops():
+    run, matmul_flops = bench.matmul_fn(64, jnp.float32, 3)
+    assert matmul_flops == 3 * 2 * 64 ** 3
+    out = run()
+    assert out.shape == (64, 64) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_command_line_prints_the_train_figures():
+    result = subprocess.run([sys.executable, "-m", "tdlm_jax.bench", f"--config={TINY}", "--steps=1", "--repeats=1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("step time", "tokens/s", "FLOPs/token", "1.972e+05", "peak", "MFU"):
+        assert line in result.stdout, result.stdout

@@ -1,0 +1,93 @@
+"""Compilation: the persistent cache of a real run, recompile detection, and no host sync in the loop."""
+
+import os
+import pathlib
+import runpy
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tdlm_jax import compilation, train
+from tdlm_jax.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**training):
+    config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
+    config.training.num_steps = 4
+    config.training.attention_analysis_steps = 4  # every variant runs: ordinary, detailed (4), analysis (4)
+    config.sampling.num_samples_at_eval = 0
+    config.training.update(training)
+    return config
+
+
+@pytest.fixture(autouse=True)
+def no_cache_afterwards():
+    yield
+    compilation.enable_persistent_cache(None)  # later tests in this process compile without a disk cache
+
+
+def test_cache_dir_follows_the_config(tmp_path):
+    assert compilation.cache_dir(tiny_config(), "runs/x") == os.path.join("runs/x", "compilation_cache")
+    assert compilation.cache_dir(tiny_config(compilation_cache_dir="none"), "runs/x") is None
+    assert compilation.cache_dir(tiny_config(compilation_cache_dir=str(tmp_path)), "runs/x") == str(tmp_path)
+    config = tiny_config()
+    config.training.compilation_cache_dir = None
+    with pytest.raises(ConfigError, match="compilation_cache_dir"):
+        compilation.cache_dir(config, "runs/x")
+
+
+def test_recompile_check_warns_when_a_function_compiles_more_than_its_variants(caplog):
+    def recompile_probe(x):
+        return x * 2
+
+    fn = jax.jit(recompile_probe)
+    check = compilation.RecompileCheck("recompile_probe")
+    fn(jnp.ones(3))
+    fn(jnp.ones(3))  # same shape: no new compile
+    assert check.count() == 1 and not check.check(1)
+    fn(jnp.ones(4))  # a new shape traces and compiles again
+    with caplog.at_level("WARNING"):
+        assert check.check(1)
+    assert check.count() == 2 and "recompile_probe has compiled 2 times for 1 variant" in caplog.text
+
+
+def test_a_second_run_loads_every_program_from_the_first_runs_cache(tmp_path, monkeypatch):
+    """The real loop, twice: its hot loop never syncs with the host (an implicit device-to-host
+    transfer would raise), the train step compiles once per variant, and the second run,
+    in a fresh workdir pointed at the first run's cache, compiles nothing itself."""
+    real_loop = train.run_loop
+
+    def guarded_loop(*args, **kwargs):
+        # A host sync is an implicit device-to-host transfer (float(x), np.asarray(x), `if x:`);
+        # explicit ones (the deferred metric fetches, checkpoints) stay allowed.
+        with jax.transfer_guard_device_to_host("disallow"):
+            return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(train, "run_loop", guarded_loop)
+    counter = compilation.process_counter()
+    first = tmp_path / "first"
+    jax.clear_caches()  # both runs start as a new process would, with nothing compiled in memory
+    traces_before = counter.traces("train_step")
+    with compilation.CompileCounter() as first_run:
+        train.train(tiny_config(), str(first))
+    assert counter.traces("train_step") - traces_before == 2  # ordinary and detailed, once each
+    cache = first / "compilation_cache"
+    entries = compilation.cache_entries(str(cache))
+    assert any(name.startswith("jit_train_step-") for name in entries)
+    assert first_run.cache_writes == len(entries) and first_run.cache_hits == 0
+
+    jax.clear_caches()
+    with compilation.CompileCounter() as second_run:
+        train.train(tiny_config(compilation_cache_dir=str(cache)), str(tmp_path / "second"))
+    assert second_run.cache_writes == 0 and second_run.cache_hits == len(entries)  # 65 programs on CPU
+    assert compilation.cache_entries(str(cache)) == entries
+    assert not os.path.exists(tmp_path / "second" / "compilation_cache")
+
+
+def test_a_workdir_holding_only_the_cache_is_a_run(tmp_path):
+    """The cache is created before any other run file, so a run stopped right after it resumes."""
+    os.makedirs(tmp_path / "compilation_cache")
+    train.ensure_writable(str(tmp_path))  # does not raise "holds other files"

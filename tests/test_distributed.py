@@ -1,0 +1,279 @@
+"""The (data, fsdp) mesh, FSDP placement and the multi-host join plan.
+
+Data-parallel and FSDP steps must compute what one device computes: the same loss, the
+same metrics and the same update, step after step (so that the sharded optimizer state is
+exercised too). 4-device meshes run in this process (tests/conftest.py); the 8-device ones
+run in one subprocess of this file, as XLA fixes the device count when JAX starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from tdlm_jax import config as config_lib
+from tdlm_jax import distributed, sharding
+from tdlm_jax.errors import ConfigError
+from common import fresh_state, random_batch, train_fn
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCHEDULE = (False, True, False)  # ordinary, detailed, ordinary: the update after a detailed step too
+# Compiling the detailed variant costs the most, so some meshes run ordinary steps only: the
+# detailed variant applies the same update (test_step), so one reference serves both.
+ORDINARY = (False, False, False)
+
+
+def trajectory(num_devices: int, mesh_shape=(-1, 1), schedule=SCHEDULE):
+    """Metrics of each step of `schedule`, the final state, and the mesh."""
+    mesh, fn = train_fn(num_devices, mesh_shape=mesh_shape)
+    state, metrics = fresh_state(mesh), []
+    for i, detailed in enumerate(schedule):
+        batch = sharding.global_batch(random_batch(seed=i), mesh)
+        state, step_metrics = fn(state, batch["tokens"], batch["valid"], detailed=detailed)
+        metrics.append(jax.device_get(step_metrics))
+    return metrics, state, mesh
+
+
+@functools.lru_cache(maxsize=None)
+def one_device():
+    metrics, state, _ = trajectory(1)
+    return metrics, jax.device_get(state)
+
+
+def assert_same_trajectory(metrics, state, reference_metrics, reference_state, schedule=SCHEDULE):
+    for step, (got, expected, detailed) in enumerate(zip(metrics, reference_metrics, schedule)):
+        assert got.keys() == {k for k in expected if detailed or not k.startswith("research/")}
+        for name in got:
+            np.testing.assert_allclose(got[name], expected[name], rtol=2e-5, atol=1e-6, err_msg=f"{name} @ {step}")
+    for x, y in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(reference_state)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-6)
+
+
+# Device 0's shard of the tiny model's head [32, 258], embedding [258, 32], a qkv kernel's Adam
+# moment [32, 96] and a norm scale [32], by fsdp size: the largest dimension the fsdp size
+# divides is split (258 is divisible by 2 but not by 4); vectors stay whole.
+EXPECTED_SHARDS = {
+    1: {"head": (32, 258), "embed": (258, 32), "qkv_mu": (32, 96), "norm": (32,)},
+    2: {"head": (32, 129), "embed": (129, 32), "qkv_mu": (32, 48), "norm": (32,)},
+    4: {"head": (8, 258), "embed": (258, 8), "qkv_mu": (32, 24), "norm": (32,)},
+}
+
+
+def shard_shapes(state) -> dict[str, tuple]:
+    """The shape of device 0's shard of a few leaves whose FSDP layout the rule fixes."""
+    leaves = {"head": state.params["head"]["kernel"][...], "embed": state.params["embed"]["embedding"][...],
+              "qkv_mu": state.opt_state[0].mu["blocks"][0]["attn"]["qkv"]["kernel"][...],
+              "norm": state.params["final_norm"]["scale"][...]}
+    return {name: x.addressable_shards[0].data.shape for name, x in leaves.items()}
+
+
+@pytest.mark.parametrize("mesh_shape, schedule", [
+    ((-1, 1), SCHEDULE),  # (4, 1), written as test_step compiles it
+    ((1, 4), SCHEDULE),
+    ((2, 2), ORDINARY),
+])
+def test_data_parallel_and_fsdp_steps_match_one_device(mesh_shape, schedule, eight_device_run):
+    assert jax.device_count() == 4
+    metrics, state, mesh = trajectory(4, mesh_shape, schedule)
+    assert_same_trajectory(metrics, state, *one_device(), schedule)
+    assert shard_shapes(state) == EXPECTED_SHARDS[sharding.fsdp_size(mesh)]
+    assert state.step.sharding.is_fully_replicated
+    assert len(state.params["head"]["kernel"][...].addressable_shards) == 4
+
+
+EIGHT_DEVICE_MESHES = (((8, 1), ORDINARY), ((2, 4), SCHEDULE))
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+    """The 8-device subprocess, started by the first 4-device test so that it compiles while
+    the in-process tests do; `test_eight_devices_...` (the last test) collects it."""
+    root = tmp_path_factory.mktemp("eight")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO)}
+    with open(root / "output.txt", "w+") as log:
+        process = subprocess.Popen([sys.executable, __file__, str(root / "eight.npz")], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        yield process, root / "eight.npz", log
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _eight_device_main(out: str) -> None:
+    """Run as a script (by `eight_device_run`): trajectories on 8-device meshes, saved to `out`."""
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    arrays = {}
+    for mesh_shape, schedule in EIGHT_DEVICE_MESHES:
+        tag = "x".join(map(str, mesh_shape))
+        metrics, state, _ = trajectory(8, mesh_shape, schedule)
+        arrays[f"{tag}/metrics"] = np.array(metrics, dtype=object)
+        arrays[f"{tag}/shards"] = np.array(shard_shapes(state), dtype=object)
+        for i, leaf in enumerate(jax.tree.leaves(jax.device_get(state))):
+            arrays[f"{tag}/leaf{i}"] = np.asarray(leaf)
+    np.savez(out, **arrays)
+
+
+# --- the FSDP rule and the mesh shape ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, fsdp, expected", [
+    ((32, 96), 4, P(None, "fsdp")),  # the largest divisible dimension
+    ((258, 32), 4, P(None, "fsdp")),  # 258 % 4 != 0: the next largest
+    ((64, 64), 4, P("fsdp", None)),  # a tie: the first
+    ((2, 4, 8), 2, P(None, None, "fsdp")),
+    ((6, 10), 4, P()),  # nothing divisible: replicated
+    ((1024,), 4, P()),  # vectors stay whole
+    ((), 4, P()),
+    ((32, 96), 1, P()),  # pure data parallelism
+])
+def test_fsdp_spec_rule(shape, fsdp, expected):
+    assert sharding.fsdp_spec(shape, fsdp) == expected
+
+
+def test_state_shardings_follow_shapes_for_arrays_and_abstract_leaves():
+    mesh = sharding.make_mesh(mesh_shape=(2, 2))
+    tree = {"w": np.zeros((8, 6), np.float32), "b": jax.ShapeDtypeStruct((6,), np.float32), "none": None}
+    shardings = sharding.state_shardings(mesh, tree)
+    assert shardings["w"].spec == P("fsdp", None) and shardings["b"].spec == P() and shardings["none"] is None
+    placed = sharding.place_state({"w": np.arange(48, dtype=np.float32).reshape(8, 6)}, mesh)
+    assert placed["w"].addressable_shards[0].data.shape == (4, 6)
+    np.testing.assert_array_equal(np.asarray(placed["w"]), np.arange(48).reshape(8, 6))
+    assert sharding.batch_sharded(mesh).spec == P(("data", "fsdp")) and sharding.num_batch_shards(mesh) == 4
+
+
+@pytest.mark.parametrize("shape, devices, expected", [
+    ((-1, 1), 4, (4, 1)), ((2, -1), 4, (2, 2)), ((1, 4), 4, (1, 4)), ([-1, 8], 16, (2, 8)), ((1, 1), 1, (1, 1)),
+])
+def test_mesh_shape_resolves_minus_one_to_the_remaining_devices(shape, devices, expected):
+    assert sharding.resolve_mesh_shape(shape, devices) == expected
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((3, 1), "product 3 is not the 4 devices"),
+    ((-1, 3), "do not divide into groups of 3"),
+    ((-1, -1), "two positive integers"),
+    ((0, 4), "two positive integers"),
+    ((2, 2, 1), "two positive integers"),
+    ("2,2", "two positive integers"),
+    ((True, 4), "two positive integers"),
+])
+def test_bad_mesh_shape_is_a_one_line_config_error(shape, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        sharding.resolve_mesh_shape(shape, 4)
+    assert "sharding.mesh_shape" in str(error.value) and "\n" not in str(error.value)
+
+
+def _tiny_config(**overrides):
+    import runpy
+
+    config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def test_validate_checks_the_mesh_and_the_batch_split():
+    config_lib.validate(_tiny_config(**{"sharding.mesh_shape": (2, 2)}), num_devices=4)
+    with pytest.raises(ConfigError, match=r"sharding.mesh_shape=\(3, 1\)"):
+        config_lib.validate(_tiny_config(**{"sharding.mesh_shape": (3, 1)}), num_devices=4)
+    with pytest.raises(ConfigError, match=r"does not divide over 4 devices: use a multiple of 4 \(one row block"):
+        config_lib.validate(_tiny_config(**{"data.eval_batch_size": 6}), num_devices=4)
+    with pytest.raises(ConfigError, match="does not divide over 2 processes"):
+        config_lib.validate(_tiny_config(**{"data.eval_batch_size": 3}), num_devices=1, process_count=2)
+
+
+# --- joining a multi-host job -----------------------------------------------------------------
+
+SLURM = {"SLURM_JOB_ID": "123", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2",
+         "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+
+
+def test_a_single_process_run_does_not_initialize():
+    assert distributed.plan(environ={}) is None
+    assert distributed.plan(environ={"SLURM_JOB_ID": "1", "PATH": "/bin"}) is None  # sbatch shell, no srun step
+    assert distributed.plan(environ={**SLURM, "SLURM_NTASKS": "1"}) is None  # a one-task srun
+    assert distributed.plan(num_processes=1, environ={}) is None
+    one_rank = {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "1"}
+    assert distributed.plan(environ=one_rank) is None
+
+
+def test_manual_setup_from_flags_or_environment_with_flags_winning():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed.plan(environ=env) == distributed.Plan("manual", "10.0.0.1:1234", 4, 3)
+    from_flags = distributed.plan(coordinator_address="localhost:99", num_processes=2, process_id=0, environ=env)
+    assert from_flags == distributed.Plan("manual", "localhost:99", 2, 0)
+    assert from_flags.kwargs() == {"coordinator_address": "localhost:99", "num_processes": 2, "process_id": 0,
+                                   "initialization_timeout": 300}
+
+
+def test_clusters_are_detected_and_left_to_jax():
+    slurm = distributed.plan(environ=SLURM)
+    assert slurm.source == "slurm" and slurm.kwargs() == {"initialization_timeout": 300}
+    # A manual value overrides what the cluster says; the rest is still detected by JAX.
+    assert distributed.plan(coordinator_address="node001:5000", environ=SLURM).kwargs()["coordinator_address"] == \
+        "node001:5000"
+    assert distributed.plan(environ={"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "8"}
+                            ).source == "ompi"
+    assert distributed.plan(environ={}, on_cloud_tpu=True).source == "tpu"
+    explicit = distributed.plan(cluster_detection_method="mpi4py", environ={})
+    assert explicit.kwargs() == {"cluster_detection_method": "mpi4py", "initialization_timeout": 300}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_processes": 2}, r"missing --coordinator_address \(JAX_COORDINATOR_ADDRESS\), --process_id"),
+    ({"coordinator_address": "h:1", "process_id": 0}, "missing --num_processes"),
+    ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, r"must be in \[0, --num_processes\)"),
+    ({"coordinator_address": "h:1", "num_processes": 0, "process_id": 0}, "must be at least 1"),
+    ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, "must be host:port"),
+    ({"cluster_detection_method": "lsf"}, "must be one of slurm"),
+    ({"environ": {"JAX_NUM_PROCESSES": "two"}}, "JAX_NUM_PROCESSES='two' is not an integer"),
+])
+def test_incomplete_or_inconsistent_manual_setup_is_a_config_error(kwargs, message):
+    kwargs = {"environ": {}, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        distributed.plan(**kwargs)
+
+
+def test_initialize_does_nothing_without_a_plan():
+    distributed.initialize(None)
+    assert not jax.distributed.is_initialized() and jax.process_count() == 1
+    assert distributed.on_cloud_tpu() is False
+
+
+def test_a_failed_join_is_a_one_line_config_error():
+    jax.devices()  # the backend is up, so JAX refuses before it touches its distributed state
+    expected = r"joining the multi-host job \(manual\) failed \(.*must be called before"
+    with pytest.raises(ConfigError, match=expected) as e:
+        distributed.initialize(distributed.Plan("manual", "localhost:1", 2, 1, initialization_timeout=1))
+    assert "\n" not in str(e.value) and not jax.distributed.is_initialized()
+
+
+def test_eight_devices_data_parallel_and_fsdp_match_one_device(eight_device_run):
+    """(8, 1) and (2, 4) meshes, computed by the subprocess with 8 fake devices."""
+    process, out, log = eight_device_run
+    process.wait(timeout=240)
+    log.seek(0)
+    assert process.returncode == 0, log.read()[-3000:]
+    saved = np.load(out, allow_pickle=True)
+    reference_metrics, reference_state = one_device()
+    for mesh_shape, schedule in EIGHT_DEVICE_MESHES:
+        tag = "x".join(map(str, mesh_shape))
+        metrics = list(saved[f"{tag}/metrics"])
+        leaves = [saved[f"{tag}/leaf{i}"] for i in range(len(jax.tree.leaves(reference_state)))]
+        assert_same_trajectory(metrics, jax.tree.unflatten(jax.tree.structure(reference_state), leaves),
+                               reference_metrics, reference_state, schedule)
+        assert saved[f"{tag}/shards"].item() == EXPECTED_SHARDS[mesh_shape[1]]
+
+
+if __name__ == "__main__":
+    _eight_device_main(sys.argv[1])
