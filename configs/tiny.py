@@ -18,6 +18,7 @@ def get_config():
     config.model.mlp_dim = 64
     config.training.num_steps = 8
     config.training.batch_size = 8
+    config.training.grad_accum_steps = 1  # 8 rows are one cache-sized microbatch already
     config.training.warmup_steps = 2
     config.training.logging_steps = 2
     config.training.detailed_metrics_steps = 4

@@ -242,6 +242,8 @@ def run_train(setup: Setup, *, steps: int, repeats: int, peak_tflops: float = 0.
     compiled = setup.train_fn.lower(setup.state, setup.tokens, setup.valid, detailed=False).compile()
     xla_flops = (compiled.cost_analysis() or {}).get("flops")
     xla_flops = xla_flops * jax.device_count() if xla_flops else None
+    if setup.config.training.get("grad_accum_steps", 1) > 1:
+        xla_flops = None  # XLA counts the body of the accumulation loop once, not once per microbatch
     return {
         "step_seconds": step_seconds,
         "step_seconds_by_repeat": seconds["step"],
@@ -337,7 +339,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed calls per variant and repeat."
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats per variant; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s to use instead of the table or a measurement.")
 _BATCHES = flags.DEFINE_integer("num_batches", 50, "data mode: pipeline batches to time.")
-_WORKDIR = flags.DEFINE_string("workdir", "", "data mode: where a bpe:<n> tokenizer is (or gets) trained; "
+_WORKDIR = flags.DEFINE_string("tokenizer_workdir", "", "data mode: where a bpe:<n> tokenizer is (or gets) trained; "
                                "default a temporary directory.")
 
 

@@ -4,8 +4,9 @@ The cache stores every compiled XLA executable on disk, keyed by the program, th
 and the compiler options, so a resumed run (or a second run of the same config) loads its
 train, eval and analysis steps instead of compiling them again. By default it lives in the
 run's workdir (`<workdir>/compilation_cache`); `training.compilation_cache_dir` moves it,
-for example to one directory shared by the runs of a sweep, or turns it off ('none'). In a
-multi-host job JAX writes entries from process 0 only; every process reads them.
+for example to one directory shared by the runs of a sweep, or turns it off ('none'); it
+also stays off on a disk with less than 256 MB free. In a multi-host job JAX writes entries
+from process 0 only, so the other hosts load them only if the directory is shared.
 
 `CompileCounter` counts, per function name, how often JAX traced a jitted function to a
 jaxpr and how often XLA compiled one, from the events JAX reports to `jax.monitoring`
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import threading
 from typing import Any
 
 import jax
 import ml_collections
-
 from absl import logging
 
 from tdlm_jax.errors import CheckpointError, ConfigError
@@ -33,6 +34,9 @@ DISABLED = "none"
 # Every program is cached, not only those that took JAX's default of 1 s or more to compile:
 # a CPU run's steps often compile in less, and a resumed run should recompile nothing.
 MIN_COMPILE_SECONDS = 0.0
+# Below this much free space the cache stays off: JAX writes entries in place, so on a nearly
+# full disk they would take the last bytes that metrics and checkpoints need.
+MIN_FREE_BYTES = 256 * 2**20
 
 # The duration events `jax._src.dispatch` reports, with the function's name as `fun_name`,
 # and the events of JAX's persistent cache (a miss is counted when its entry is written).
@@ -57,15 +61,21 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
 def enable_persistent_cache(path: str | None) -> None:
     """Points JAX's persistent compilation cache at `path` (None turns it off) for this process.
 
+    The cache stays off, with a warning, when its disk has less than `MIN_FREE_BYTES` free.
     JAX opens its cache once, at the first compile after the directory is set, so moving it
     (a second run in the same process, as in tests or sweeps) also resets that state.
     """
     if path is not None:
         try:
             os.makedirs(path, exist_ok=True)
+            free = shutil.disk_usage(path).free
         except OSError as e:
             raise CheckpointError(f"cannot create the compilation cache {path} ({e.strerror}): fix permissions, or "
                                   "set --config.training.compilation_cache_dir to another path or 'none'") from e
+        if free < MIN_FREE_BYTES:
+            logging.warning("compilation cache off: only %.1f MB free on the disk of %s; free space or set "
+                            "--config.training.compilation_cache_dir to another disk", free / 2**20, path)
+            path = None
     if jax.config.jax_compilation_cache_dir != path:
         jax.config.update("jax_compilation_cache_dir", path)
         _reset_cache_state()

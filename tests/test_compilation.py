@@ -3,6 +3,7 @@
 import os
 import pathlib
 import runpy
+import types
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +55,12 @@ def test_recompile_check_warns_when_a_function_compiles_more_than_its_variants(c
     assert check.count() == 2 and "recompile_probe has compiled 2 times for 1 variant" in caplog.text
 
 
-def test_a_second_run_loads_every_program_from_the_first_runs_cache(tmp_path, monkeypatch):
-    """The real loop, twice: its hot loop never syncs with the host (an implicit device-to-host
-    transfer would raise), the train step compiles once per variant, and the second run,
-    in a fresh workdir pointed at the first run's cache, compiles nothing itself."""
-    real_loop = train.run_loop
+def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch):
+    """The real loop, interrupted and resumed: its hot loop never syncs with the host (an
+    implicit device-to-host transfer would raise), the train step compiles once per variant,
+    and the resumed run, restored from checkpoint 4, compiles nothing itself."""
+    real_loop, real_evaluate = train.run_loop, train.evaluate
+    evaluations = []
 
     def guarded_loop(*args, **kwargs):
         # A host sync is an implicit device-to-host transfer (float(x), np.asarray(x), `if x:`);
@@ -66,25 +68,52 @@ def test_a_second_run_loads_every_program_from_the_first_runs_cache(tmp_path, mo
         with jax.transfer_guard_device_to_host("disallow"):
             return real_loop(*args, **kwargs)
 
+    def interrupted_at_the_second_evaluation(*args, **kwargs):  # step 8: resumes from checkpoint 4
+        evaluations.append(1)
+        if len(evaluations) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
     monkeypatch.setattr(train, "run_loop", guarded_loop)
+    monkeypatch.setattr(train, "evaluate", interrupted_at_the_second_evaluation)
+    monkeypatch.setattr(compilation, "MIN_FREE_BYTES", 0)  # whatever this machine's free space
+    config, workdir = tiny_config(num_steps=8), str(tmp_path / "run")
     counter = compilation.process_counter()
-    first = tmp_path / "first"
     jax.clear_caches()  # both runs start as a new process would, with nothing compiled in memory
     traces_before = counter.traces("train_step")
-    with compilation.CompileCounter() as first_run:
-        train.train(tiny_config(), str(first))
+    with compilation.CompileCounter() as first_run, pytest.raises(KeyboardInterrupt):
+        train.train(config, workdir)
     assert counter.traces("train_step") - traces_before == 2  # ordinary and detailed, once each
-    cache = first / "compilation_cache"
-    entries = compilation.cache_entries(str(cache))
+    entries = compilation.cache_entries(os.path.join(workdir, "compilation_cache"))
     assert any(name.startswith("jit_train_step-") for name in entries)
     assert first_run.cache_writes == len(entries) and first_run.cache_hits == 0
 
     jax.clear_caches()
-    with compilation.CompileCounter() as second_run:
-        train.train(tiny_config(compilation_cache_dir=str(cache)), str(tmp_path / "second"))
-    assert second_run.cache_writes == 0 and second_run.cache_hits == len(entries)  # 65 programs on CPU
-    assert compilation.cache_entries(str(cache)) == entries
-    assert not os.path.exists(tmp_path / "second" / "compilation_cache")
+    with compilation.CompileCounter() as resumed:
+        summary = train.train(config, workdir)
+    assert summary["summary/total_steps"] == 8  # resumed from checkpoint 4 and finished
+    assert resumed.cache_writes == 0 and resumed.cache_hits == len(entries)
+    assert compilation.cache_entries(os.path.join(workdir, "compilation_cache")) == entries
+
+
+def test_a_configured_cache_directory_is_used_and_reopened(tmp_path):
+    def cached_probe(x):
+        return x + 1
+
+    for directory in (tmp_path / "a", tmp_path / "b"):  # moving the cache in-process reopens it
+        compilation.enable_persistent_cache(str(directory))
+        jax.clear_caches()
+        with compilation.CompileCounter() as counts:
+            jax.jit(cached_probe)(jnp.ones(3))
+        assert counts.cache_writes >= 1 and compilation.cache_entries(str(directory))
+        assert any(name.startswith("jit_cached_probe-") for name in compilation.cache_entries(str(directory)))
+
+
+def test_a_nearly_full_disk_keeps_the_cache_off(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(compilation.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=40_000))
+    with caplog.at_level("WARNING"):
+        compilation.enable_persistent_cache(str(tmp_path / "cache"))
+    assert jax.config.jax_compilation_cache_dir is None and "compilation cache off" in caplog.text
 
 
 def test_a_workdir_holding_only_the_cache_is_a_run(tmp_path):

@@ -193,8 +193,11 @@ class SwiGLU(nnx.Module):
         self.up = _linear(cfg.d_model, cfg.mlp_dim, cfg, rngs)
         self.down = _linear(cfg.mlp_dim, cfg.d_model, cfg, rngs, scale=1.0 / (2 * cfg.num_layers))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        # On [B·L, D]: on CPU, XLA computes the weight gradients of dots over a [B, L, D] input
+        # through transposing copies that cost more than the dots themselves (docs/performance.md).
+        x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+        return self.down(jax.nn.silu(self.gate(x_TxD)) * self.up(x_TxD)).reshape(x_BxLxD.shape)
 
 
 class Block(nnx.Module):
