@@ -40,7 +40,7 @@ from tdlm_jax import sharding
 from tdlm_jax import step as step_lib
 from tdlm_jax.data import tokenizer as tokenizer_lib
 from tdlm_jax.errors import ConfigError, TdlmError
-from tdlm_jax.train import build_model_and_optimizer
+from tdlm_jax.train import build_model_and_optimizer, initial_state, train_step_statics
 
 MODES = ("train", "tiers", "data")
 
@@ -189,13 +189,11 @@ def build_setup(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
     tok = shape_tokenizer(config.data.tokenizer)
     graphdef, params, optimizer, lr_schedule = build_model_and_optimizer(config, tok)
     model_cfg = config_lib.model_config(config, vocab_size=tok.vocab_size, num_predictable=tok.text_vocab_size)
-    ema_decay = config_lib.ema_decay(config)
-    state = sharding.place_state(step_lib.init_state(params, optimizer, config.seed, ema=ema_decay > 0), mesh)
+    state = initial_state(config, params, optimizer, mesh)
     state_shardings = sharding.state_shardings(mesh, state)
     tc = config.training
-    process = config_lib.forward_process(config, tok.mask_id)
-    static = dict(graphdef=graphdef, process=process, optimizer=optimizer, lr_schedule=lr_schedule,
-                  objective=config.model.kind, grad_accum_steps=tc.get("grad_accum_steps", 1), ema_decay=ema_decay)
+    static = train_step_statics(config, graphdef, optimizer, lr_schedule, tok.mask_id)
+    process = static["process"]
     train_fn = step_lib.jit_train_step(mesh, state_shardings, **static)
     bare_fn = jax.jit(lambda s, t, v: step_lib.train_step(s, t, v, detailed=False, **static)[0],
                       donate_argnums=(0,), out_shardings=state_shardings)

@@ -108,6 +108,22 @@ class Run:
     is_diffusion: bool  # False for the autoregressive baseline: no tier-2/3 metrics
 
 
+def initial_state(config: ml_collections.ConfigDict, params: Any, optimizer: Any, mesh: Any) -> step_lib.TrainState:
+    """A fresh train state placed on the mesh: FSDP-sharded over its fsdp axis (replicated when
+    that is 1), the layout a restore keeps."""
+    return sharding.place_state(step_lib.init_state(params, optimizer, config.seed,
+                                                    ema=config_lib.ema_decay(config) > 0), mesh)
+
+
+def train_step_statics(config: ml_collections.ConfigDict, graphdef: Any, optimizer: Any, lr_schedule: Callable,
+                       mask_id: int) -> dict[str, Any]:
+    """The static arguments of `step.train_step` a config defines: one place for training and
+    the benchmark, so the benchmark times exactly the step that trains."""
+    return dict(graphdef=graphdef, process=config_lib.forward_process(config, mask_id), optimizer=optimizer,
+                lr_schedule=lr_schedule, objective=config.model.kind,
+                grad_accum_steps=config.training.get("grad_accum_steps", 1), ema_decay=config_lib.ema_decay(config))
+
+
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Validates the config, builds data, model and steps, and restores the latest checkpoint."""
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
@@ -119,21 +135,15 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     logging.info("denoiser: %s parameters on %d device(s) of %d process(es), mesh %s", f"{num_params:,}",
                  jax.device_count(), jax.process_count(), dict(mesh.shape))
-    # FSDP-sharded over the mesh's fsdp axis (replicated when it is 1); restore keeps this layout.
-    state = sharding.place_state(step_lib.init_state(params, optimizer, config.seed,
-                                                     ema=config_lib.ema_decay(config) > 0), mesh)
-
-    process = config_lib.forward_process(config, tok.mask_id)
-    objective = config.model.kind
+    state = initial_state(config, params, optimizer, mesh)
+    static = train_step_statics(config, graphdef, optimizer, lr_schedule, tok.mask_id)
+    process, objective = static["process"], static["objective"]
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                            max_to_keep=tc.max_checkpoints_to_keep)
     start_step, state = restore_latest_usable(checkpointer, state, data.train_iterator)
     return Run(
         mesh=mesh, tokenizer=tok, graphdef=graphdef, data=data, state=state,
-        train_fn=step_lib.jit_train_step(mesh, sharding.state_shardings(mesh, state), graphdef=graphdef,
-                                         process=process, optimizer=optimizer, lr_schedule=lr_schedule,
-                                         objective=objective, grad_accum_steps=tc.get("grad_accum_steps", 1),
-                                         ema_decay=config_lib.ema_decay(config)),
+        train_fn=step_lib.jit_train_step(mesh, sharding.state_shardings(mesh, state), **static),
         eval_fn=step_lib.jit_eval_step(mesh, graphdef=graphdef, objective=objective,
                                        process=process.for_evaluation(config.data.eval_batch_size)),
         analysis_fn=step_lib.jit_analysis_step(mesh, graphdef=graphdef, process=process),
