@@ -168,26 +168,8 @@ def make_train_iterator(
         DataError: on an empty stream, a non-positive size, a negative seed, or a
             global_batch_size not divisible by process_count.
     """
-    tokens_nxl, valid_nxl = windows(tokens, seq_len, pad_id)
-    return train_iterator_from_windows(tokens_nxl, valid_nxl, global_batch_size=global_batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
-
-
-def train_iterator_from_windows(
-    tokens_nxl: np.ndarray,
-    valid_nxl: np.ndarray,
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    worker_count: int = 0,
-    prefetch_buffer_size: int = 1,
-) -> "TrainIterator":
-    """`make_train_iterator` over windows already cut (e.g. by `pack`)."""
-    return train_iterator(_WindowSource(tokens_nxl, valid_nxl), global_batch_size=global_batch_size, seed=seed,
-                          process_index=process_index, process_count=process_count, worker_count=worker_count,
-                          prefetch_buffer_size=prefetch_buffer_size)
+    return train_iterator(_WindowSource(*windows(tokens, seq_len, pad_id)), global_batch_size=global_batch_size,
+                          seed=seed, process_index=process_index, process_count=process_count)
 
 
 class WindowSource(Protocol):
