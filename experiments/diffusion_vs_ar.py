@@ -10,12 +10,12 @@ points log no diffusion metrics (— in the comparison). Full size (base.py's 12
 
 from typing import Any
 
-from tdlm_jax import sweep
+from tdlm_jax.sweeps import runner
 
 BASE_CONFIG = "configs/base.py"
 
 # 4 points × 300 steps: about 10 minutes on 2 idle CPU cores.
-CPU_OVERRIDES: dict[str, Any] = {**sweep.CPU_SIZE}
+CPU_OVERRIDES: dict[str, Any] = {**runner.CPU_SIZE}
 
 KINDS = ("diffusion", "ar")
 SEEDS = (0, 1)

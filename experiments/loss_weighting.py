@@ -8,7 +8,7 @@ steps): `python -m tdlm_jax.sweep experiments/loss_weighting.py --size=full
 
 from typing import Any
 
-from tdlm_jax import sweep
+from tdlm_jax.sweeps import runner
 
 BASE_CONFIG = "configs/base.py"
 
@@ -16,7 +16,7 @@ BASE_CONFIG = "configs/base.py"
 # measured 22 minutes on 2 cores shared with other jobs.
 # Research metrics every 100 steps, since base.py's 500 would never fire in 300 steps;
 # samples at eval are off because nothing here compares them.
-CPU_OVERRIDES: dict[str, Any] = {**sweep.CPU_SIZE}
+CPU_OVERRIDES: dict[str, Any] = {**runner.CPU_SIZE}
 
 WEIGHTINGS = ("elbo", "uniform", "clipped")
 SEEDS = (0, 1)

@@ -9,12 +9,12 @@ experiments/schedule.py --size=full --workdir=runs/schedule_full`.
 
 from typing import Any
 
-from tdlm_jax import sweep
+from tdlm_jax.sweeps import runner
 
 BASE_CONFIG = "configs/base.py"
 
 # 8 points × 200 steps: about 14 minutes on 2 idle CPU cores.
-CPU_OVERRIDES: dict[str, Any] = {**sweep.CPU_SIZE, "training.num_steps": 200}
+CPU_OVERRIDES: dict[str, Any] = {**runner.CPU_SIZE, "training.num_steps": 200}
 
 SCHEDULES = ("linear", "cosine", "polynomial", "loglinear")
 SEEDS = (0, 1)

@@ -9,13 +9,13 @@ size (base.py's 1200 steps): `python -m tdlm_jax.sweep experiments/time_sampling
 
 from typing import Any
 
-from tdlm_jax import sweep
+from tdlm_jax.sweeps import runner
 
 BASE_CONFIG = "configs/base.py"
 
 # 6 points × 300 steps: about 15 minutes on 2 idle CPU cores. Logging every 25 steps, so the
 # loss curves have enough points to show their noise; research metrics every 50.
-CPU_OVERRIDES: dict[str, Any] = {**sweep.CPU_SIZE, "training.logging_steps": 25, "training.detailed_metrics_steps": 50}
+CPU_OVERRIDES: dict[str, Any] = {**runner.CPU_SIZE, "training.logging_steps": 25, "training.detailed_metrics_steps": 50}
 
 METHODS = ("stratified", "iid")
 SEEDS = (0, 1, 2)

@@ -25,3 +25,7 @@ class CheckpointError(TdlmError):
 
 class TrainingError(TdlmError):
     """Training cannot usefully go on (e.g. every recent batch gave a non-finite loss)."""
+
+
+class SweepError(TdlmError):
+    """An unusable sweep file, sweep directory or point definition."""

@@ -1,6 +1,6 @@
 """Command line: `python -m tdlm_jax.main --config=configs/base.py [--config.x.y=v] [--workdir=DIR]`.
 
-Flags only; the work happens in `tdlm_jax.train`. Errors a user can cause print one line
+Flags only; the work happens in `tdlm_jax.training.loop`. Errors a user can cause print one line
 naming the problem and the fix, and exit with status 2.
 """
 
@@ -22,7 +22,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory for checkpoints, metrics and TensorBoard events. "
     "Default: runs/<config file stem>. Running again with the same workdir resumes.")
 flags.mark_flag_as_required("config")
-# Multi-host jobs (see tdlm_jax.distributed): SLURM, Open MPI and Cloud TPU are detected
+# Multi-host jobs (see tdlm_jax.parallel.distributed): SLURM, Open MPI and Cloud TPU are detected
 # automatically; elsewhere pass these three (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 # JAX_PROCESS_ID) to every process.
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
@@ -102,7 +102,7 @@ def _fail_config_file(path: str, error: BaseException) -> None:
 def join_multihost_job() -> int:
     """Initializes jax.distributed if this process is part of a multi-host job (before anything
     touches the backend); returns this process's index, 0 for a single-process run."""
-    from tdlm_jax import distributed
+    from tdlm_jax.parallel import distributed
 
     try:
         plan = distributed.plan(coordinator_address=_COORDINATOR_ADDRESS.value, num_processes=_NUM_PROCESSES.value,
@@ -126,12 +126,12 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_OnlyOurInfo())
     if join_multihost_job() > 0:
         logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress; the others only problems
-    from tdlm_jax import train  # after flag parsing: importing JAX is slow and --help should not wait
+    from tdlm_jax.training import loop  # after flag parsing: importing JAX is slow and --help should not wait
 
     config = load_config()
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
-        summary = train.train(config, workdir)
+        summary = loop.train(config, workdir)
     except TdlmError as e:
         _fail(str(e))
     if "preempted_at_step" in summary:

@@ -1,8 +1,10 @@
 """Command line: `python -m tdlm_jax.sample --workdir=DIR [--sampler=confidence] [--prompt=TEXT] ...`.
 
 Restores the latest checkpoint of a run and prints decoded samples, one block per sample,
-then the number of denoiser calls (nfe). The parameters are the raw training weights:
-runs keep no EMA weights yet. `tdlm_jax.generation` holds the reusable part. Errors a user can cause print one line and exit with status 2.
+then the number of denoiser calls (nfe). The parameters are the ones the run evaluated
+with: the EMA of the weights when it kept one (training.ema_decay > 0), else the raw
+weights. `tdlm_jax.inference.generation` holds the reusable part. Errors a user can cause
+print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import sys
 
 from absl import app, flags, logging
 
-from tdlm_jax.errors import ConfigError, TdlmError
+from tdlm_jax.errors import TdlmError
 from tdlm_jax.data.dataset import load_tokenizer
-from tdlm_jax.generation import SAMPLERS, format_samples, make_template, resolve_sampler, sample_texts
-from tdlm_jax.workdir import load_config, load_trained
+from tdlm_jax.diffusion.sampling import SAMPLERS, resolve_sampler
+from tdlm_jax.inference.generation import format_samples, make_template, sample_texts
+from tdlm_jax.inference.trained import load_config, load_trained
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by tdlm_jax.main; its latest "
-                               "checkpoint is used (raw weights: runs keep no EMA weights yet).")
+                               "checkpoint is used (its EMA weights when the run kept them).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 8, "Number of samples, generated as one batch.")
 _STEPS = flags.DEFINE_integer("steps", 128, "Sampling steps (split evenly over blocks with --block_length).")
 # A string, not an enum, so that a bad name is a one-line error like every other user error.

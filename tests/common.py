@@ -9,8 +9,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tdlm_jax import optim, sharding
-from tdlm_jax import step as step_lib
+from tdlm_jax.training import optim
+
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import step as step_lib
 from tdlm_jax.diffusion.corruption import ForwardProcess
 from tdlm_jax.diffusion.schedules import Schedule
 from tdlm_jax.model.transformer import Denoiser, ModelConfig

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdlm_jax import sharding
-from tdlm_jax import step as step_lib
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import step as step_lib
 from tdlm_jax.diffusion.corruption import corrupt
 from tdlm_jax.metrics import advanced
 from common import MODEL, make_process, model_parts, random_batch

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdlm_jax import config as config_lib
+from tdlm_jax.training import config as config_lib
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.model.transformer import (Denoiser, ModelConfig, attention_mask, explicit_attention,
                                         resolve_attention_impl)

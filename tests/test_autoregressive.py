@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdlm_jax import autoregressive, train
+from tdlm_jax.model import autoregressive
+
+from tdlm_jax.training import loop
 from tdlm_jax.diffusion.loss import token_cross_entropy
-from tdlm_jax.metrics.writers import read_jsonl
+from tdlm_jax.metrics import jsonl
 from tdlm_jax.model.transformer import Denoiser
 from common import MODEL, random_batch
 
@@ -62,8 +64,8 @@ def test_float64_nll_matches_the_float32_cross_entropy():
 def test_tiny_ar_run_logs_exact_nll_and_no_diffusion_metrics(tmp_path):
     config = runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))["get_config"]()
     config.model.kind = "ar"
-    summary = train.train(config, str(tmp_path))
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    summary = loop.train(config, str(tmp_path))
+    rows = jsonl.read(tmp_path / "metrics.jsonl")
     names = set().union(*rows)
     assert {"train/loss", "val/loss", "val/perplexity"} <= names
     assert not {n for n in names if n.startswith(("metrics/", "research/", "advanced/"))}

@@ -11,7 +11,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tdlm_jax import bench, flops
+from tdlm_jax import bench
+from tdlm_jax.training import benchmark
+
+from tdlm_jax.model import flops
 from tdlm_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -23,11 +26,11 @@ SMALL_MATMUL = (128, jnp.float32, 1)  # the CPU peak's matmul, kept small: only 
 def setup(tmp_path_factory):
     config = runpy.run_path(str(TINY))["get_config"]()
     config.data.cache_dir = str(tmp_path_factory.mktemp("token_cache"))  # for the data mode
-    return bench.build_setup(config)
+    return benchmark.build_setup(config)
 
 
 def test_train_mode_reports_consistent_numbers(setup, capsys):
-    r = bench.run_train(setup, steps=1, repeats=2, matmul=SMALL_MATMUL)
+    r = benchmark.run_train(setup, steps=1, repeats=2, matmul=SMALL_MATMUL)
     assert r["tokens_per_step"] == 8 * 32
     assert r["flops_per_token"] == flops.train_flops_per_token(setup.model_cfg, 32) == 197_184  # tests/test_flops.py
     assert r["tokens_per_second"] == pytest.approx(r["tokens_per_step"] / r["step_seconds"])
@@ -48,7 +51,7 @@ def test_train_mode_reports_consistent_numbers(setup, capsys):
 
 
 def test_tiers_mode_ratios_are_quotients_of_the_step_times(setup, capsys):
-    r = bench.run_tiers(setup, steps=1, repeats=2)
+    r = benchmark.run_tiers(setup, steps=1, repeats=2)
     assert all(r[f"{name}_seconds"] > 0 for name in ("bare", "ordinary", "detailed", "analysis"))
     assert r["tier1_ratio"] == pytest.approx(r["ordinary_seconds"] / r["bare_seconds"])
     assert r["tier2_ratio"] == pytest.approx(r["detailed_seconds"] / r["bare_seconds"])
@@ -58,7 +61,7 @@ def test_tiers_mode_ratios_are_quotients_of_the_step_times(setup, capsys):
 
 
 def test_data_mode_compares_the_pipeline_with_the_step(setup, tmp_path):
-    r = bench.run_data(setup, steps=1, repeats=1, num_batches=3, workdir=str(tmp_path))
+    r = benchmark.run_data(setup, steps=1, repeats=1, num_batches=3, workdir=str(tmp_path))
     assert r["pipeline"]["num_batches"] == 3 and r["pipeline"]["tokens_per_batch"] == 8 * 32
     assert r["pipeline_tokens_per_second"] > 0 and r["step_tokens_per_second"] > 0
     assert r["pipeline_to_step_ratio"] == pytest.approx(r["pipeline_tokens_per_second"] / r["step_tokens_per_second"])
@@ -73,7 +76,7 @@ def test_round_robin_warms_up_once_then_times_every_repeat():
             return jnp.zeros(())
         return run
 
-    seconds = bench.time_round_robin({"a": variant("a"), "b": variant("b")}, steps=3, repeats=4)
+    seconds = benchmark.time_round_robin({"a": variant("a"), "b": variant("b")}, steps=3, repeats=4)
     assert calls == {"a": 1 + 3 * 4, "b": 1 + 3 * 4}
     assert [len(seconds["a"]), len(seconds["b"])] == [4, 4] and min(seconds["a"] + seconds["b"]) > 0
 
@@ -93,25 +96,25 @@ def test_round_robin_warms_up_once_then_times_every_repeat():
     ("TPU v6 lite", "TPU v6e", 918e12),
 ])
 def test_known_devices_have_their_bf16_dense_peak(kind, name, peak):
-    assert bench.known_peak(kind) == (name, peak)
+    assert benchmark.known_peak(kind) == (name, peak)
 
 
 def test_peak_choice_table_measured_or_override():
     h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
     unknown = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA GeForce RTX 4090")
     cpu = types.SimpleNamespace(platform="cpu", device_kind="cpu")
-    assert bench.known_peak("NVIDIA GeForce RTX 4090") is None and bench.known_peak("cpu") is None
-    assert bench.peak_for_device(h100, 8, None).flops_per_second == 8 * 989e12
-    fallback = bench.peak_for_device(unknown, 2, lambda: 100e12)
+    assert benchmark.known_peak("NVIDIA GeForce RTX 4090") is None and benchmark.known_peak("cpu") is None
+    assert benchmark.peak_for_device(h100, 8, None).flops_per_second == 8 * 989e12
+    fallback = benchmark.peak_for_device(unknown, 2, lambda: 100e12)
     assert fallback.flops_per_second == 200e12 and "not in the table" in fallback.source
-    assert bench.peak_for_device(cpu, 4, lambda: 3e11).flops_per_second == 3e11  # fake devices share the cores
-    assert bench.peak_for_device(h100, 2, None, override_tflops=500).flops_per_second == 1000e12
+    assert benchmark.peak_for_device(cpu, 4, lambda: 3e11).flops_per_second == 3e11  # fake devices share the cores
+    assert benchmark.peak_for_device(h100, 2, None, override_tflops=500).flops_per_second == 1000e12
     with pytest.raises(ConfigError, match="peak_tflops"):
-        bench.peak_for_device(unknown, 1, None)
+        benchmark.peak_for_device(unknown, 1, None)
 
 
 def test_matmul_peak_counts_its_flops():
-    run, matmul_flops = bench.matmul_fn(64, jnp.float32, 3)
+    run, matmul_flops = benchmark.matmul_fn(64, jnp.float32, 3)
     assert matmul_flops == 3 * 2 * 64 ** 3
     out = run()
     assert out.shape == (64, 64) and bool(jnp.all(jnp.isfinite(out)))

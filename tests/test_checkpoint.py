@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdlm_jax.checkpoint import Checkpointer
+from tdlm_jax.training.checkpoint import Checkpointer
 from tdlm_jax.errors import CheckpointError
 
 
@@ -163,7 +163,7 @@ def test_abstract_state_without_sharding_is_rejected(tmp_path):
 _FAILED_RESTORE_SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from tdlm_jax.checkpoint import Checkpointer
+from tdlm_jax.training.checkpoint import Checkpointer
 from tdlm_jax.errors import CheckpointError
 
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))

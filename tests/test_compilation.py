@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tdlm_jax import compilation, train
+from tdlm_jax.training import compilation
+
+from tdlm_jax.training import loop, rundir
 from tdlm_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,7 +61,7 @@ def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch)
     """The real loop, interrupted and resumed: its hot loop never syncs with the host (an
     implicit device-to-host transfer would raise), the train step compiles once per variant,
     and the resumed run, restored from checkpoint 4, compiles nothing itself."""
-    real_loop, real_evaluate = train.run_loop, train.evaluate
+    real_loop, real_evaluate = loop.run_loop, loop.evaluate
     evaluations = []
 
     def guarded_loop(*args, **kwargs):
@@ -74,15 +76,15 @@ def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "run_loop", guarded_loop)
-    monkeypatch.setattr(train, "evaluate", interrupted_at_the_second_evaluation)
+    monkeypatch.setattr(loop, "run_loop", guarded_loop)
+    monkeypatch.setattr(loop, "evaluate", interrupted_at_the_second_evaluation)
     monkeypatch.setattr(compilation, "MIN_FREE_BYTES", 0)  # whatever this machine's free space
     config, workdir = tiny_config(num_steps=8), str(tmp_path / "run")
     counter = compilation.process_counter()
     jax.clear_caches()  # both runs start as a new process would, with nothing compiled in memory
     traces_before = counter.traces("train_step")
     with compilation.CompileCounter() as first_run, pytest.raises(KeyboardInterrupt):
-        train.train(config, workdir)
+        loop.train(config, workdir)
     assert counter.traces("train_step") - traces_before == 2  # ordinary and detailed, once each
     entries = compilation.cache_entries(os.path.join(workdir, "compilation_cache"))
     assert any(name.startswith("jit_train_step-") for name in entries)
@@ -90,7 +92,7 @@ def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch)
 
     jax.clear_caches()
     with compilation.CompileCounter() as resumed:
-        summary = train.train(config, workdir)
+        summary = loop.train(config, workdir)
     assert summary["summary/total_steps"] == 8  # resumed from checkpoint 4 and finished
     assert resumed.cache_writes == 0 and resumed.cache_hits == len(entries)
     assert compilation.cache_entries(os.path.join(workdir, "compilation_cache")) == entries
@@ -119,4 +121,4 @@ def test_a_nearly_full_disk_keeps_the_cache_off(tmp_path, monkeypatch, caplog):
 def test_a_workdir_holding_only_the_cache_is_a_run(tmp_path):
     """The cache is created before any other run file, so a run stopped right after it resumes."""
     os.makedirs(tmp_path / "compilation_cache")
-    train.ensure_writable(str(tmp_path))  # does not raise "holds other files"
+    rundir.ensure_writable(str(tmp_path))  # does not raise "holds other files"

@@ -4,6 +4,7 @@ import json
 import logging
 import pathlib
 import runpy
+import types
 
 import grain
 import numpy as np
@@ -26,10 +27,20 @@ def _rows(batch):
     return sorted(map(tuple, batch["tokens"].tolist()))
 
 
-def _train_iter(tokens, **overrides):
-    kwargs = dict(seq_len=8, global_batch_size=4, seed=0, pad_id=PAD)
+def _stream_windows(tokens, seq_len=8):
+    """The production windows (`StreamWindows`) of one in-memory token stream."""
+    stream = types.SimpleNamespace(tokens=np.asarray(tokens), offsets=np.array([0, len(tokens)]))
+    return pipeline.StreamWindows(stream, seq_len, PAD, "wrap")
+
+
+def _train_iter(tokens, seq_len=8, **overrides):
+    kwargs = dict(global_batch_size=4, seed=0)
     kwargs.update(overrides)
-    return pipeline.make_train_iterator(tokens, **kwargs)
+    return pipeline.train_iterator(_stream_windows(tokens, seq_len), **kwargs)
+
+
+def _eval_batches(tokens, seq_len, **kwargs):
+    return pipeline.eval_batches_from_source(_stream_windows(tokens, seq_len), pad_id=PAD, **kwargs)
 
 
 # ----------------------------------------------------------------- tokenizer
@@ -215,24 +226,22 @@ def test_train_iterator_orbax_checkpoint_round_trip(tmp_path):
 
 def test_eval_batches_fixed_and_padded():
     tokens = np.arange(8 * 5 + 2, dtype=np.int32)  # 6 windows, last partial
-    batches = pipeline.make_eval_batches(
-        tokens, seq_len=8, batch_size=4, num_batches=None, pad_id=PAD
-    )
+    batches = _eval_batches(tokens, seq_len=8, batch_size=4, num_batches=None)
     assert len(batches) == 2
     assert all(b["tokens"].shape == b["valid"].shape == (4, 8) for b in batches)
     np.testing.assert_array_equal(batches[0]["tokens"].reshape(-1), np.arange(32))
     assert not batches[1]["valid"][2:].any() and (batches[1]["tokens"][2:] == PAD).all()
     assert batches[1]["valid"][1, :2].all() and not batches[1]["valid"][1, 2:].any()
-    again = pipeline.make_eval_batches(tokens, seq_len=8, batch_size=4, num_batches=0, pad_id=PAD)
+    again = _eval_batches(tokens, seq_len=8, batch_size=4, num_batches=0)
     for a, b in zip(batches, again):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
 
 
 def test_eval_batches_limit_and_shortfall():
     tokens = np.arange(8 * 20, dtype=np.int32)
-    one = pipeline.make_eval_batches(tokens, seq_len=8, batch_size=4, num_batches=1, pad_id=PAD)
+    one = _eval_batches(tokens, seq_len=8, batch_size=4, num_batches=1)
     assert len(one) == 1 and one[0]["valid"].all()
-    many = pipeline.make_eval_batches(tokens, seq_len=8, batch_size=8, num_batches=10, pad_id=PAD)
+    many = _eval_batches(tokens, seq_len=8, batch_size=8, num_batches=10)
     assert len(many) == 3 and many[2]["valid"].sum() == 4 * 8
 
 

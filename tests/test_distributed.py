@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tdlm_jax import config as config_lib
-from tdlm_jax import distributed, sharding
+from tdlm_jax.training import config as config_lib
+from tdlm_jax.parallel import distributed
+from tdlm_jax.parallel import sharding
 from tdlm_jax.errors import ConfigError
 from common import fresh_state, random_batch, train_fn
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from tdlm_jax import flops
+from tdlm_jax.model import flops
 from tdlm_jax.model.transformer import Denoiser, ModelConfig
 
 # d=32, 2 layers, mlp 64, 259 ids (256 bytes + EOS, [MASK], [PAD]), sequences of 32.

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.metrics import health, writers
+from tdlm_jax.metrics import health, health_thresholds, jsonl, writers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEALTHY_RUN = ROOT / "tests" / "data" / "healthy_base_run.jsonl"  # 1000 steps of configs/base.py
@@ -33,14 +33,14 @@ class RecordingWriter(writers.NullWriter):
         self.texts.append((step, dict(texts)))
 
 
-def replay(rows: Sequence[Row], thresholds: health.HealthThresholds | None = None,
+def replay(rows: Sequence[Row], thresholds: health_thresholds.HealthThresholds | None = None,
            alerts_path: str | None = None) -> tuple[health.HealthMonitor, list[health.Alert]]:
-    monitor = health.HealthMonitor(thresholds or health.HealthThresholds(), None, alerts_path)
+    monitor = health.HealthMonitor(thresholds or health_thresholds.HealthThresholds(), None, alerts_path)
     alerts = [alert for step, row in rows for alert in monitor.observe(step, row)]
     return monitor, alerts
 
 
-def started(rows: Sequence[Row], thresholds: health.HealthThresholds | None = None) -> set[str]:
+def started(rows: Sequence[Row], thresholds: health_thresholds.HealthThresholds | None = None) -> set[str]:
     return {a.rule for a in replay(rows, thresholds)[1] if a.event == "start"}
 
 
@@ -142,7 +142,7 @@ CASES: dict[str, tuple[list[Row], list[list[Row]]]] = {
 
 def test_every_rule_has_a_case():
     assert set(CASES) | {"zero_accuracy_medium_corruption"} == set(health.HealthMonitor(
-        health.HealthThresholds(), None, None).counts())
+        health_thresholds.HealthThresholds(), None, None).counts())
 
 
 @pytest.mark.parametrize("rule", sorted(CASES))
@@ -168,15 +168,15 @@ def test_more_bad_values_fire(rows):
 
 
 def test_expected_sign_is_configurable():
-    positive = dataclasses.replace(health.HealthThresholds(), expected_weight_difficulty_sign="positive")
+    positive = dataclasses.replace(health_thresholds.HealthThresholds(), expected_weight_difficulty_sign="positive")
     assert started(research(weight_difficulty_correlation=-0.3), positive) == {"weight_difficulty_sign"}
     assert started(research(weight_difficulty_correlation=0.3), positive) == set()
-    either = dataclasses.replace(health.HealthThresholds(), expected_weight_difficulty_sign="any")
+    either = dataclasses.replace(health_thresholds.HealthThresholds(), expected_weight_difficulty_sign="any")
     assert started(research(weight_difficulty_correlation=0.9), either) == set()
 
 
 def bad_then_good(alerts_path: str | None = None, writer: writers.MetricWriter | None = None):
-    monitor = health.HealthMonitor(health.HealthThresholds(), writer, alerts_path)
+    monitor = health.HealthMonitor(health_thresholds.HealthThresholds(), writer, alerts_path)
     alerts = []
     for step in range(100, 1100, 100):  # 10 bad rows
         alerts += monitor.observe(step, {"train/loss": math.nan, "train/grad_norm": 1.0})
@@ -224,7 +224,7 @@ def test_alerts_are_logged_as_warnings(monkeypatch):
 
 def test_missing_values_never_fire():
     keys = [k for rule_rows, _ in CASES.values() for _, row in rule_rows for k in row]
-    monitor = health.HealthMonitor(health.HealthThresholds(), None, None)
+    monitor = health.HealthMonitor(health_thresholds.HealthThresholds(), None, None)
     for step in range(0, 20000, 100):
         assert monitor.observe(step, dict.fromkeys(keys)) == []
     # Half a comparison is no comparison: an empty medium bucket leaves the order rule quiet.
@@ -232,14 +232,14 @@ def test_missing_values_never_fire():
 
 
 def test_missing_values_do_not_clear_an_alert():
-    monitor = health.HealthMonitor(health.HealthThresholds(), None, None)
+    monitor = health.HealthMonitor(health_thresholds.HealthThresholds(), None, None)
     assert monitor.observe(1000, {"research/gradient_norm_ratio_high_to_low": 50.0})
     assert monitor.observe(1500, {"research/gradient_norm_ratio_high_to_low": None}) == []
     assert monitor.active() == ["gradient_ratio_extreme"]
 
 
 def test_healthy_base_run_raises_no_alert():
-    rows = [(row.pop("step"), row) for row in writers.read_jsonl(str(HEALTHY_RUN))]
+    rows = [(row.pop("step"), row) for row in jsonl.read(str(HEALTHY_RUN))]
     assert len(rows) == 22 and rows[-1][0] == 1000
     monitor, alerts = replay(rows)
     assert alerts == [] and monitor.active() == []
@@ -249,18 +249,18 @@ def test_healthy_run_with_every_tier_raises_no_alert():
     """base.py with tier 2 every 100 and tier 3 every 200 steps, 1200 steps. Its step-1100
     research row has a one-batch low-bucket gradient spike (ratio 0.073): the median window
     must absorb it, while a single-point reading would have fired."""
-    rows = [(row.pop("step"), row) for row in writers.read_jsonl(str(HEALTHY_RUN_ALL_TIERS))]
+    rows = [(row.pop("step"), row) for row in jsonl.read(str(HEALTHY_RUN_ALL_TIERS))]
     assert any("advanced/attention_entropy" in row for _, row in rows)
     monitor, alerts = replay(rows)
     assert alerts == [] and monitor.active() == []
-    single_batch = dataclasses.replace(health.HealthThresholds(), gradient_window=1)
+    single_batch = dataclasses.replace(health_thresholds.HealthThresholds(), gradient_window=1)
     assert started(rows, single_batch) == {"gradient_ratio_extreme"}
 
 
 def test_guide_literal_thresholds_would_fire_on_the_healthy_run():
     """Why the defaults deviate from the guide: its literal reading flags a healthy run."""
-    rows = [(row.pop("step"), row) for row in writers.read_jsonl(str(HEALTHY_RUN))]
-    literal = dataclasses.replace(health.HealthThresholds(), expected_weight_difficulty_sign="positive",
+    rows = [(row.pop("step"), row) for row in jsonl.read(str(HEALTHY_RUN))]
+    literal = dataclasses.replace(health_thresholds.HealthThresholds(), expected_weight_difficulty_sign="positive",
                                   weight_difficulty_margin=0.0, warmup_steps=0,
                                   stagnation_min_improvement=1.0)  # "below 40%" alone
     assert started(rows, literal) == {"weight_difficulty_sign", "mask_accuracy_stagnating"}
@@ -272,9 +272,9 @@ def load_base_config():
 
 def test_base_config_mirrors_the_defaults():
     section = load_base_config().health
-    assert set(section.keys()) == {f.name for f in dataclasses.fields(health.HealthThresholds)}
-    assert health.thresholds_from_config(section) == health.HealthThresholds()
-    assert health.thresholds_from_config(None) == health.HealthThresholds()
+    assert set(section.keys()) == {f.name for f in dataclasses.fields(health_thresholds.HealthThresholds)}
+    assert health_thresholds.thresholds_from_config(section) == health_thresholds.HealthThresholds()
+    assert health_thresholds.thresholds_from_config(None) == health_thresholds.HealthThresholds()
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -293,10 +293,10 @@ def test_thresholds_from_config_rejects_bad_values(key, value, expected):
     section = load_base_config().health.to_dict()  # a dict: ConfigDict would refuse type changes
     section[key] = value
     with pytest.raises(ConfigError) as info:
-        health.thresholds_from_config(section)
+        health_thresholds.thresholds_from_config(section)
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 def test_integer_values_become_float_thresholds():
-    thresholds = health.thresholds_from_config({"gradient_ratio_max": 20})
+    thresholds = health_thresholds.thresholds_from_config({"gradient_ratio_max": 20})
     assert thresholds.gradient_ratio_max == 20.0 and isinstance(thresholds.gradient_ratio_max, float)

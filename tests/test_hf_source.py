@@ -8,7 +8,7 @@ import runpy
 import numpy as np
 import pytest
 
-from tdlm_jax import config as config_lib
+from tdlm_jax.training import config as config_lib
 from tdlm_jax.data import cache, dataset, hf_source, tokenizer
 from tdlm_jax.errors import ConfigError, DataError
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdlm_jax import config as config_lib
-from tdlm_jax import sharding
-from tdlm_jax import step as step_lib
-from tdlm_jax import train
+from tdlm_jax.training import config as config_lib
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import step as step_lib
+from tdlm_jax.training import loop, setup
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.model.transformer import Denoiser
-from tdlm_jax.workdir import load_config, load_trained
+from tdlm_jax.inference.trained import load_config, load_trained
 from common import MODEL, model_parts, make_process, optimizer_and_schedule, random_batch
 
 from test_train import TINY
@@ -116,7 +116,7 @@ def test_training_with_ema_evaluates_and_restores_the_ema(tmp_path):
     config.training.num_steps = 4
     config.training.ema_decay = 0.9
     config.sampling.num_samples_at_eval = 0
-    train.train(config, str(tmp_path))
+    loop.train(config, str(tmp_path))
     trained = load_trained(str(tmp_path))
     state_params = _restored_raw_params(str(tmp_path))
     differs = jax.tree.map(lambda a, b: not np.allclose(a, b), jax.device_get(trained.params), state_params)
@@ -125,11 +125,11 @@ def test_training_with_ema_evaluates_and_restores_the_ema(tmp_path):
 
 def _restored_raw_params(workdir):
     """The raw (non-EMA) parameters of the workdir's latest checkpoint."""
-    from tdlm_jax import checkpoint
+    from tdlm_jax.training import checkpoint
     from tdlm_jax.data import dataset
     config = load_config(workdir)
     tok = dataset.load_tokenizer(workdir, config.data.tokenizer)
-    graphdef, params, optimizer, _ = train.build_model_and_optimizer(config, tok)
+    graphdef, params, optimizer, _ = setup.build_model_and_optimizer(config, tok)
     replicated = sharding.replicated(sharding.make_mesh())
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             jax.eval_shape(lambda: step_lib.init_state(params, optimizer, 0, ema=True)))

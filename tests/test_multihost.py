@@ -24,9 +24,9 @@ import jax
 import numpy as np
 import pytest
 
-from tdlm_jax import train
-from tdlm_jax.metrics.writers import read_jsonl
-from tdlm_jax.workdir import load_trained
+from tdlm_jax.training import loop
+from tdlm_jax.metrics import jsonl
+from tdlm_jax.inference.trained import load_trained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -88,7 +88,7 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
 
 
 def logged(workdir: pathlib.Path) -> dict[tuple[int, str], float]:
-    return {(row["step"], key): value for row in read_jsonl(workdir / "metrics.jsonl")
+    return {(row["step"], key): value for row in jsonl.read(workdir / "metrics.jsonl")
             for key, value in row.items() if key.startswith(COMPARED) and key != "train/tokens_per_second"}
 
 
@@ -124,12 +124,12 @@ def runs(tmp_path_factory):
 
     orchestrator = threading.Thread(target=run_job, daemon=True)
     orchestrator.start()
-    # Meanwhile, the uninterrupted single-process reference (train.train wants the main thread).
+    # Meanwhile, the uninterrupted single-process reference (loop.train wants the main thread).
     config = runpy.run_path(TINY)["get_config"]()
     config.training.num_steps, config.training.detailed_metrics_steps = NUM_STEPS, 1000  # as OVERRIDES
     config.training.logging_steps = 1
     assert jax.process_count() == 1 and jax.device_count() == 4
-    train.train(config, str(single))
+    loop.train(config, str(single))
     orchestrator.join(timeout=max(1.0, deadline - time.time()) + 30)
     if "error" in outcome:
         raise outcome["error"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdlm_jax import config as config_lib
+from tdlm_jax.training import config as config_lib
 from tdlm_jax.data import tokenizer
 from tdlm_jax.model.transformer import Denoiser
 
@@ -56,7 +56,7 @@ def test_owt_model_has_the_hand_computed_parameter_count():
 
 
 def test_owt_config_trains_two_steps_at_a_tiny_size(tmp_path):
-    from tdlm_jax import train
+    from tdlm_jax.training import loop
 
     data_dir = tmp_path / "owt" / "data"
     data_dir.mkdir(parents=True)
@@ -72,7 +72,7 @@ def test_owt_config_trains_two_steps_at_a_tiny_size(tmp_path):
         "training.logging_steps": 1, "training.eval_every_n_steps": 2, "training.checkpoint_every_n_steps": 2,
         "training.detailed_metrics_steps": 100, "training.attention_analysis_steps": 100,
         "sampling.num_samples_at_eval": 0})
-    summary = train.train(config, str(tmp_path / "run"))
+    summary = loop.train(config, str(tmp_path / "run"))
     assert summary["summary/total_steps"] == 2
     assert np.isfinite(summary["summary/final_loss"]) and np.isfinite(summary["summary/best_val_loss"])
     # The untrained model is near uniform over the 50257 predictable GPT-2 ids: loss ≈ log(50257)

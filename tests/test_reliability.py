@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from tdlm_jax import train
+from tdlm_jax.training import loop
 from tdlm_jax.errors import CheckpointError, ConfigError
-from tdlm_jax.metrics.writers import read_jsonl
+from tdlm_jax.metrics import jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -29,18 +29,18 @@ def tiny_config():
 
 def comparable_rows(workdir, after_step=0):
     return [{k: v for k, v in r.items() if k not in VOLATILE}
-            for r in read_jsonl(workdir / "metrics.jsonl") if r["step"] > after_step]
+            for r in jsonl.read(workdir / "metrics.jsonl") if r["step"] > after_step]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reliability") / "uninterrupted"
-    train.train(tiny_config(), str(workdir))
+    loop.train(tiny_config(), str(workdir))
     return workdir
 
 
 def test_same_config_and_seed_give_bit_identical_metrics(uninterrupted, tmp_path):
-    train.train(tiny_config(), str(tmp_path / "again"))
+    loop.train(tiny_config(), str(tmp_path / "again"))
     assert comparable_rows(tmp_path / "again") == comparable_rows(uninterrupted)
 
 
@@ -54,10 +54,10 @@ def test_kill_during_a_save_falls_back_to_the_previous_checkpoint_without_duplic
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 3])
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"step": 8, "train/lo')
-    train.train(tiny_config(), str(workdir))
+    loop.train(tiny_config(), str(workdir))
     assert (workdir / "checkpoints-corrupt" / "8").is_dir()  # moved aside, named in a warning
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 8
-    steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "train/loss" in r]
+    steps = [r["step"] for r in jsonl.read(workdir / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(set(steps))  # no step logged twice
     assert comparable_rows(workdir) == comparable_rows(uninterrupted)
 
@@ -71,7 +71,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(uninterrupted, 
                 if p.is_file() and p.stat().st_size > 1000:
                     p.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="could not be restored"):
-        train.train(tiny_config(), str(workdir))
+        loop.train(tiny_config(), str(workdir))
     assert not (workdir / "checkpoints-corrupt").exists()  # nothing moved when nothing restores
 
 
@@ -81,11 +81,11 @@ def test_model_change_on_resume_is_refused_and_harmless_changes_are_allowed(unin
     config = tiny_config()
     config.model.num_layers = 3
     with pytest.raises(ConfigError, match=r"model.num_layers.*allow_config_change=true"):
-        train.train(config, str(workdir))
+        loop.train(config, str(workdir))
     config = tiny_config()
     config.training.num_steps = 10
     config.training.logging_steps = 1
-    summary = train.train(config, str(workdir))
+    summary = loop.train(config, str(workdir))
     assert summary["summary/total_steps"] == 10
 
 
@@ -93,7 +93,7 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     with pytest.raises(CheckpointError, match="is not writable"):
-        train.train(tiny_config(), str(blocker / "run"))
+        loop.train(tiny_config(), str(blocker / "run"))
 
 
 def test_sigterm_saves_a_checkpoint_exits_zero_and_the_restart_resumes(tmp_path):
@@ -113,7 +113,7 @@ def test_sigterm_saves_a_checkpoint_exits_zero_and_the_restart_resumes(tmp_path)
     saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 5000
     assert not (workdir / "summary.json").exists()  # the run is not finished
-    assert max(r["step"] for r in read_jsonl(workdir / "metrics.jsonl")) <= saved[0]
+    assert max(r["step"] for r in jsonl.read(workdir / "metrics.jsonl")) <= saved[0]
     resumed = subprocess.run(command[:5] + [f"--config.training.num_steps={saved[0] + 2}"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -124,7 +124,7 @@ def test_sigterm_saves_a_checkpoint_exits_zero_and_the_restart_resumes(tmp_path)
 def test_a_workdir_holding_other_files_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("someone else's work")
     with pytest.raises(CheckpointError, match="holds other files"):
-        train.train(tiny_config(), str(tmp_path))
+        loop.train(tiny_config(), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
@@ -193,7 +193,7 @@ def test_full_disk_at_checkpoint_time_is_a_clear_error_and_keeps_earlier_checkpo
         assert len(errors) == 1 and "could not be written" in errors[0] and "disk space" in errors[0]
         assert f"{os.sep}tdlm_jax{os.sep}" not in result.stderr.split(errors[0])[1]  # no stack through our code
         filler.unlink()
-        from tdlm_jax.workdir import load_trained
+        from tdlm_jax.inference.trained import load_trained
         assert load_trained(str(workdir), step=8).step == 8  # the earlier checkpoint is intact
         assert run_main(workdir, "--config.training.num_steps=12").returncode == 0  # and resumable
     finally:
@@ -206,7 +206,7 @@ def test_a_text_file_with_one_extremely_long_line_trains(tmp_path):
     config = tiny_config()
     config.data.source = str(corpus)
     config.training.num_steps = 2
-    summary = train.train(config, str(tmp_path / "run"))
+    summary = loop.train(config, str(tmp_path / "run"))
     assert summary["summary/total_steps"] == 2
 
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from tdlm_jax import report
-from tdlm_jax import report_verdicts as v
+from tdlm_jax.analysis import run_report
+from tdlm_jax.analysis import verdicts as v
 
 CONFIG = {
     "diffusion": {"loss_weighting": "elbo", "schedule": "linear"},
@@ -81,7 +81,7 @@ def full_page(tmp_path_factory) -> tuple[str, set[str]]:
                  **{f"advanced/attention_entropy/layer_{i}": 2.0 - 0.1 * i for i in (0, 1, 10)}})
     workdir = write_workdir(path, rows, ALERTS, tail='{"step": 1100, "train/lo')
     names = {k for row in rows for k in row if k != "step"}
-    return report.build_report(workdir), names
+    return run_report.build_report(workdir), names
 
 
 def test_report_has_every_metric_tier_and_alert(full_page):
@@ -115,7 +115,7 @@ def test_grouped_panels():
              "advanced/attention_entropy/layer_10", "advanced/attention_entropy/layer_2",
              "advanced/attention_entropy",
              "val/loss", "train/loss", "metrics/mask_accuracy", "research/weight_std"]
-    panels = {p.title: p for p in report.group_panels(names)}
+    panels = {p.title: p for p in run_report.group_panels(names)}
     assert len(panels) == 6
     accuracy = panels["research/{low,medium,high}_corruption_accuracy"]
     assert [label for _, label in accuracy.series] == ["low", "medium", "high"]
@@ -124,21 +124,21 @@ def test_grouped_panels():
     entropy = panels["advanced/attention_entropy/layer_{i}"]
     assert [label for _, label in entropy.series] == ["mean", "layer 2", "layer 10"]
     assert [label for _, label in panels["{train,val}/loss"].series] == ["train", "val"]
-    assert [p.title for p in report.group_panels(names)][0] == "{train,val}/loss"
+    assert [p.title for p in run_report.group_panels(names)][0] == "{train,val}/loss"
 
 
 def test_alerts_attach_to_the_panels_they_name():
-    history = report.build_history(tier1_rows(range(100, 600, 100)))
-    panels = {p.title: p for p in report.group_panels(list(history))}
-    assert report.alerts_for(panels["train/grad_norm"], ALERTS) == ALERTS
-    assert report.alerts_for(panels["{train,val}/loss"], ALERTS) == []
-    png = report.plot_panel(panels["train/grad_norm"], history, ALERTS)
+    history = run_report.build_history(tier1_rows(range(100, 600, 100)))
+    panels = {p.title: p for p in run_report.group_panels(list(history))}
+    assert run_report.alerts_for(panels["train/grad_norm"], ALERTS) == ALERTS
+    assert run_report.alerts_for(panels["{train,val}/loss"], ALERTS) == []
+    png = run_report.plot_panel(panels["train/grad_norm"], history, ALERTS)
     assert base64.b64decode(png)[:4] == b"\x89PNG"
 
 
 def test_tier1_only_run_in_progress(tmp_path):
     workdir = write_workdir(tmp_path, tier1_rows(range(100, 400, 100)))
-    page = report.build_report(workdir)
+    page = run_report.build_report(workdir)
     assert "no data yet (logged every 500 steps: training.detailed_metrics_steps)" in page
     assert "no data yet (logged every 2000 steps: training.attention_analysis_steps)" in page
     assert "this run has 1000 steps, fewer than that interval" in page
@@ -148,13 +148,13 @@ def test_tier1_only_run_in_progress(tmp_path):
 
 
 def test_empty_workdir_and_non_finite_values(tmp_path):
-    page = report.build_report(write_workdir(tmp_path, [], config=None))
+    page = run_report.build_report(write_workdir(tmp_path, [], config=None))
     assert "no metrics yet" in page and "config.json not found" in page
     assert page.count(v.NO_DATA) >= 2
     rows = tier1_rows(range(100, 500, 100))
     rows[2]["train/loss"] = float("nan")  # json.dumps writes NaN; the trainer writes "NaN"
     rows[4]["train/loss"] = "Infinity"
-    page = report.build_report(write_workdir(tmp_path, rows))
+    page = run_report.build_report(write_workdir(tmp_path, rows))
     assert "non-finite train/loss at step 200" in page
     assert "2 non-finite" not in page  # drawn as a note on the plot, not as text
 
@@ -178,7 +178,7 @@ def test_cli_writes_the_report(tmp_path):
 
 
 def good_history() -> v.History:
-    return report.build_history(tier1_rows(range(100, 1100, 100)) + [research_row(500), research_row(1000)])
+    return run_report.build_history(tier1_rows(range(100, 1100, 100)) + [research_row(500), research_row(1000)])
 
 
 def test_good_run_is_healthy():
@@ -190,7 +190,7 @@ def test_good_run_is_healthy():
 
 
 def test_tier1_only_verdicts_say_what_is_missing():
-    history = report.build_history(tier1_rows(range(100, 400, 100)))
+    history = run_report.build_history(tier1_rows(range(100, 400, 100)))
     forward = v.forward_process_verdict(history)
     assert forward.status == v.HEALTHY  # valid_ratio and masked tokens are already checkable
     assert [c.status for c in forward.checks[:2]] == [v.NO_DATA, v.NO_DATA]
@@ -242,7 +242,7 @@ def test_report_of_a_real_tiny_run(tmp_path):
     workdir = str(tmp_path / "tiny")
     command = [sys.executable, "-m", "tdlm_jax.main", f"--config={repo}/configs/tiny.py", f"--workdir={workdir}"]
     subprocess.run(command, cwd=repo, capture_output=True, text=True, check=True, timeout=120)
-    page = report.build_report(workdir)
+    page = run_report.build_report(workdir)
     assert "finished: 8 of 8 steps" in page
     for name in ("train/loss", "val/loss", "metrics/mask_accuracy", "metrics/valid_ratio",
                  "research/{low,medium,high}_corruption_accuracy", "research/gradient_norm_ratio_high_to_low",

@@ -11,7 +11,7 @@ import pytest
 from tdlm_jax.diffusion.corruption import Corrupted, corrupt
 from tdlm_jax.diffusion.loss import num_valid_tokens
 from tdlm_jax.metrics import aggregation, research
-from tdlm_jax.step import row_losses
+from tdlm_jax.training.step import row_losses
 from common import EDGES, make_process, model_parts, random_batch
 
 PAD_ID = 257

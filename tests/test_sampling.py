@@ -17,7 +17,7 @@ import pytest
 from tdlm_jax.diffusion import sampling
 from tdlm_jax.diffusion.schedules import Schedule
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.generation import SEPARATOR, make_template
+from tdlm_jax.inference.generation import SEPARATOR, make_template
 from tests.common import MODEL, model_parts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

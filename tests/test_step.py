@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from tdlm_jax import sharding
-from tdlm_jax import step as step_lib
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import step as step_lib
 from common import fresh_state, make_process, model_parts, random_batch, train_fn
 
 

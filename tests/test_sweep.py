@@ -13,7 +13,10 @@ import sys
 
 import pytest
 
-from tdlm_jax import sweep, sweep_compare
+from tdlm_jax.errors import SweepError
+from tdlm_jax.sweeps import runner
+
+from tdlm_jax.analysis import sweep_compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -35,41 +38,41 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "experiments", "*.py"))))
 def test_every_experiment_loads_with_seeds_and_docs(path):
-    loaded = sweep.load_sweep(path)
+    loaded = runner.load_sweep(path)
     assert os.path.isfile(loaded.base_config)
     assert all("seed" in p for p in loaded.points) and len({p["seed"] for p in loaded.points}) >= 2
     assert loaded.cpu_overrides.get("training.num_steps", 0) > 0
     with open(path) as f:
         assert "--size=full" in f.read()  # the full-size command is documented
-    names = sweep.point_names(loaded.points)
+    names = runner.point_names(loaded.points)
     assert len(set(names)) == len(names) and all(SAFE_NAME.fullmatch(n) for n in names)
 
 
 def test_loss_weighting_sweep_axes():
-    loaded = sweep.load_sweep(os.path.join(REPO, "experiments", "loss_weighting.py"))
+    loaded = runner.load_sweep(os.path.join(REPO, "experiments", "loss_weighting.py"))
     got = {(p["diffusion.loss_weighting"], p["seed"]) for p in loaded.points}
     assert got == {(w, s) for w in ("elbo", "uniform", "clipped") for s in (0, 1)}
 
 
 def test_point_names():
-    names = sweep.point_names([{"diffusion.loss_weighting": "uniform", "seed": 1},
+    names = runner.point_names([{"diffusion.loss_weighting": "uniform", "seed": 1},
                                {"diffusion.t_min": 1e-3, "data.source": "/data/my text/*.txt"}, {}])
     assert names[0] == "loss_weighting-uniform__seed-1"
     assert names[1] == "t_min-0.001__source-_data_my_text__.txt"
     assert names[2] == "default"
     # Two keys with the same last part keep their full keys, so the names stay distinct.
-    assert sweep.point_names([{"a.lr": 1}, {"b.lr": 1}]) == ["a.lr-1", "b.lr-1"]
-    with pytest.raises(sweep.SweepError, match="both get the name"):
-        sweep.point_names([{"x.y": "a/b"}, {"x.y": "a_b"}])
+    assert runner.point_names([{"a.lr": 1}, {"b.lr": 1}]) == ["a.lr-1", "b.lr-1"]
+    with pytest.raises(SweepError, match="both get the name"):
+        runner.point_names([{"x.y": "a/b"}, {"x.y": "a_b"}])
 
 
 def test_bad_sweep_files(tmp_path):
-    with pytest.raises(sweep.SweepError, match="not a file"):
-        sweep.load_sweep(str(tmp_path / "missing.py"))
+    with pytest.raises(SweepError, match="not a file"):
+        runner.load_sweep(str(tmp_path / "missing.py"))
     bad = tmp_path / "bad.py"
     bad.write_text("BASE_CONFIG = 'configs/base.py'\ndef get_sweep():\n    return [{'not a key': 1}]\n")
-    with pytest.raises(sweep.SweepError, match="not a config key"):
-        sweep.load_sweep(str(bad))
+    with pytest.raises(SweepError, match="not a config key"):
+        runner.load_sweep(str(bad))
     result = run_cli(str(bad))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "error:" in result.stderr
 
@@ -93,10 +96,10 @@ def test_dry_run_prints_one_command_per_point(tmp_path):
 
 
 def test_finished_points_are_skipped_and_interrupted_ones_rerun(tmp_path):
-    loaded = sweep.load_sweep(write_sweep_file(tmp_path, [{"seed": 0}, {"seed": 1}, {"seed": 2}]))
-    points = sweep.build_points(loaded, str(tmp_path / "sw"), "cpu")
+    loaded = runner.load_sweep(write_sweep_file(tmp_path, [{"seed": 0}, {"seed": 1}, {"seed": 2}]))
+    points = runner.build_points(loaded, str(tmp_path / "sw"), "cpu")
     # Each fake point just writes a marker in its directory, so we can see which ones ran.
-    points = [sweep.Point(p.name, p.overrides, p.flags, p.directory,
+    points = [runner.Point(p.name, p.overrides, p.flags, p.directory,
                           (sys.executable, "-c", f"import os; os.makedirs({p.directory!r}, exist_ok=True); "
                            f"open({os.path.join(p.directory, 'ran')!r}, 'w')"))
               for p in points]
@@ -104,27 +107,27 @@ def test_finished_points_are_skipped_and_interrupted_ones_rerun(tmp_path):
         os.makedirs(point.directory)
         with open(os.path.join(point.directory, "summary.json"), "w") as f:
             json.dump({"summary/total_steps": total}, f)
-    steps = [sweep.expected_steps(loaded.base_config, p.flags) for p in points]
+    steps = [runner.expected_steps(loaded.base_config, p.flags) for p in points]
     assert steps == [8, 8, 8]  # tiny.py's num_steps
-    outcomes = sweep.run_points(points, steps, parallel=2, say=lambda _: None, poll_s=0.01)
+    outcomes = runner.run_points(points, steps, parallel=2, say=lambda _: None, poll_s=0.01)
     assert [o.status for o in outcomes] == ["skipped", "finished", "finished"]
     assert [os.path.exists(os.path.join(p.directory, "ran")) for p in points] == [False, True, True]
-    assert not os.path.exists(sweep.log_path(points[0]))
+    assert not os.path.exists(runner.log_path(points[0]))
 
 
 def test_logs_live_outside_the_point_workdirs(tmp_path):
     """The trainer refuses a workdir holding files that are not a run's, so logs go beside."""
-    loaded = sweep.load_sweep(write_sweep_file(tmp_path, [{"seed": 0}]))
-    (point,) = sweep.build_points(loaded, str(tmp_path / "sw"), "cpu")
-    assert sweep.log_path(point) == str(tmp_path / "sw" / "logs" / f"{point.name}.txt")
-    assert not sweep.log_path(point).startswith(point.directory + os.sep)
+    loaded = runner.load_sweep(write_sweep_file(tmp_path, [{"seed": 0}]))
+    (point,) = runner.build_points(loaded, str(tmp_path / "sw"), "cpu")
+    assert runner.log_path(point) == str(tmp_path / "sw" / "logs" / f"{point.name}.txt")
+    assert not runner.log_path(point).startswith(point.directory + os.sep)
 
 
 def test_compare_partial_sweep_groups_seeds(tmp_path):
     """Synthetic point dirs: two finished seeds, one point with metrics only, one empty."""
     root = tmp_path / "sw"
     points = [{"x.w": "a", "seed": 0}, {"x.w": "a", "seed": 1}, {"x.w": "b", "seed": 0}, {"x.w": "b", "seed": 1}]
-    names = sweep.point_names(points)
+    names = runner.point_names(points)
     for name, loss in zip(names[:3], (2.0, 3.0, 4.0)):
         os.makedirs(root / name)
         (root / name / "metrics.jsonl").write_text(

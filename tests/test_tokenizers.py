@@ -8,7 +8,7 @@ import runpy
 import numpy as np
 import pytest
 
-from tdlm_jax import config as config_lib
+from tdlm_jax.training import config as config_lib
 from tdlm_jax.data import dataset, subword, tokenizer
 from tdlm_jax.errors import ConfigError, DataError
 
@@ -160,8 +160,8 @@ def test_config_validation_of_data_keys(key, value, message):
 
 
 def test_tiny_run_on_jsonl_with_bpe_and_pad_packing(tmp_path):
-    from tdlm_jax import train
-    from tdlm_jax.workdir import load_trained
+    from tdlm_jax.training import loop
+    from tdlm_jax.inference.trained import load_trained
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -175,7 +175,7 @@ def test_tiny_run_on_jsonl_with_bpe_and_pad_packing(tmp_path):
         "training.checkpoint_every_n_steps": 2, "training.detailed_metrics_steps": 100,
         "training.attention_analysis_steps": 100, "sampling.num_samples_at_eval": 0})
     workdir = tmp_path / "run"
-    summary = train.train(config, str(workdir))
+    summary = loop.train(config, str(workdir))
     assert summary["summary/total_steps"] == 2
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     ratios = [r["metrics/valid_ratio"] for r in rows if r.get("metrics/valid_ratio") is not None]

@@ -14,12 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from tdlm_jax import config as config_lib
-from tdlm_jax import sharding
-from tdlm_jax import train
+from tdlm_jax.training import config as config_lib
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import loop
 from tdlm_jax.errors import ConfigError, TrainingError
-from tdlm_jax.workdir import load_trained
-from tdlm_jax.metrics.writers import read_jsonl, read_scalars
+from tdlm_jax.inference.trained import load_trained
+from tdlm_jax.metrics import jsonl
+from tdlm_jax.metrics.writers import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -57,14 +58,14 @@ def test_cli_writes_the_workdir(cli_run):
     assert json.loads((workdir / "config.json").read_text())["training"]["num_steps"] == 6  # the override
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["summary/total_steps"] == 6
-    assert summary["summary/best_val_loss"] == min(r["val/loss"] for r in read_jsonl(workdir / "metrics.jsonl")
+    assert summary["summary/best_val_loss"] == min(r["val/loss"] for r in jsonl.read(workdir / "metrics.jsonl")
                                                    if "val/loss" in r)
     assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [4, 6]
 
 
 def test_cli_logs_every_tier1_name_to_jsonl_and_tensorboard(cli_run):
     workdir, _ = cli_run
-    rows = read_jsonl(workdir / "metrics.jsonl")
+    rows = jsonl.read(workdir / "metrics.jsonl")
     logged = set().union(*rows) - {"step"}
     assert TIER1 <= logged
     assert TIER1 <= set(read_scalars(str(workdir)))
@@ -77,7 +78,7 @@ def test_cli_logs_every_tier1_name_to_jsonl_and_tensorboard(cli_run):
 
 def test_cli_logs_research_metrics_on_detailed_steps_only(cli_run):
     workdir, _ = cli_run
-    rows = read_jsonl(workdir / "metrics.jsonl")
+    rows = jsonl.read(workdir / "metrics.jsonl")
     research_steps = {r["step"] for r in rows if any(k.startswith("research/") for k in r)}
     assert research_steps == {4}  # detailed_metrics_steps = 4 in tiny.py; the run ends at 6
     assert TIER2 == {k for r in rows for k in r if k.startswith("research/")}
@@ -126,16 +127,16 @@ def test_validate_names_the_key_and_what_is_allowed(overrides, message):
 def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path):
     """Interrupt after the step-4 checkpoint (drop checkpoint 8 and later rows), resume."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train.train(tiny_config(), str(full))
+    loop.train(tiny_config(), str(full))
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "8")
-    kept = [json.dumps(r) for r in read_jsonl(resumed / "metrics.jsonl") if r["step"] <= 4]
+    kept = [json.dumps(r) for r in jsonl.read(resumed / "metrics.jsonl") if r["step"] <= 4]
     (resumed / "metrics.jsonl").write_text("\n".join(kept) + "\n")
-    train.train(tiny_config(), str(resumed))
+    loop.train(tiny_config(), str(resumed))
 
     def after_step_4(workdir):
         return [{k: v for k, v in r.items() if k not in ("train/tokens_per_second",) and not k.startswith("summary/")}
-                for r in read_jsonl(workdir / "metrics.jsonl") if r["step"] > 4]
+                for r in jsonl.read(workdir / "metrics.jsonl") if r["step"] > 4]
 
     expected, got = after_step_4(full), after_step_4(resumed)
     assert len(expected) == len(got) > 0
@@ -164,15 +165,15 @@ def test_a_nan_batch_is_skipped_alerted_and_training_goes_on(tmp_path, monkeypat
     """Poison the third training batch: the run finishes, counts the skip, and raises the alert."""
     config = tiny_config()
     poison_training_batches(monkeypatch, config, 3, 3)
-    summary = train.train(config, str(tmp_path))
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    summary = loop.train(config, str(tmp_path))
+    rows = jsonl.read(tmp_path / "metrics.jsonl")
     skipped = {r["step"]: r["train/skipped_steps"] for r in rows if "train/skipped_steps" in r}
     assert skipped == {2: 0, 4: 1, 6: 1, 8: 1}
     # The poisoned row's NaN always reaches the gradient; it reaches the loss only if that row
     # happens to have masked tokens.
     grad_norm = {r["step"]: r["train/grad_norm"] for r in rows if "train/grad_norm" in r}
     assert math.isnan(grad_norm[4]) and math.isfinite(grad_norm[6]) and math.isfinite(grad_norm[8])
-    alerts = [(a["step"], a["event"]) for a in read_jsonl(tmp_path / "alerts.jsonl")
+    alerts = [(a["step"], a["event"]) for a in jsonl.read(tmp_path / "alerts.jsonl")
               if a["rule"] == "non_finite_training"]
     assert alerts == [(4, "start"), (6, "clear")]
     assert summary["alerts/starts/non_finite_training"] == 1
@@ -183,7 +184,7 @@ def test_too_many_consecutive_nonfinite_steps_stop_with_the_last_good_state(tmp_
     config.training.max_consecutive_nonfinite = 3
     poison_training_batches(monkeypatch, config, 3, 10**6)
     with pytest.raises(TrainingError, match="after 4 consecutive non-finite"):
-        train.train(config, str(tmp_path))  # seen at the step-6 log (4 skips), acted on at step 7
+        loop.train(config, str(tmp_path))  # seen at the step-6 log (4 skips), acted on at step 7
     stop, before = load_trained(str(tmp_path), step=7), load_trained(str(tmp_path), step=4)
     for a, b in zip(jax.tree.leaves(stop.params), jax.tree.leaves(before.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # steps 3-7 changed nothing

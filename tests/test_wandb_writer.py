@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.metrics import writers
+from tdlm_jax.metrics import jsonl, run_writer, writers
 
 wandb = pytest.importorskip("wandb")
 
@@ -250,7 +250,7 @@ def test_failed_init_is_a_config_error(tmp_path, monkeypatch):
 
 def test_default_writer_without_wandb_project(tmp_path):
     workdir = tmp_path / "run"
-    with writers.create_default_writer(str(workdir), is_primary=True, config={"a": 1}) as writer:
+    with run_writer.create_default_writer(str(workdir), is_primary=True, config={"a": 1}) as writer:
         writer.write_scalars(1, {"x": 1.0})
     assert not (workdir / "wandb").exists()
     assert not (workdir / wandb_writer.RUN_ID_FILENAME).exists()
@@ -258,12 +258,12 @@ def test_default_writer_without_wandb_project(tmp_path):
 
 def test_default_writer_with_wandb_project(tmp_path):
     workdir = str(tmp_path / "my_run")
-    writer = writers.create_default_writer(
+    writer = run_writer.create_default_writer(
         workdir, is_primary=True, wandb_project="tdlm-test", config={"seed": 7})
     with writer:
         writer.write_hparams({"seed": 7, "extra": "x"})
         writer.write_scalars(1, {"train/loss": 2.0, "metrics/acc": None})
-    assert writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")) == [
+    assert jsonl.read(os.path.join(workdir, "metrics.jsonl")) == [
         {"step": 1, "train/loss": 2.0, "metrics/acc": None}
     ]
     run_dir = _run_dir(workdir)
@@ -275,7 +275,7 @@ def test_default_writer_with_wandb_project(tmp_path):
 
 def test_default_writer_non_primary_skips_wandb(tmp_path):
     workdir = tmp_path / "run"
-    writer = writers.create_default_writer(str(workdir), is_primary=False, wandb_project="tdlm-test")
+    writer = run_writer.create_default_writer(str(workdir), is_primary=False, wandb_project="tdlm-test")
     assert isinstance(writer, writers.NullWriter)
     writer.close()
     assert not workdir.exists()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from absl import logging
 
-from tdlm_jax.metrics import writers
+from tdlm_jax.metrics import jsonl, run_writer, writers
+from tdlm_jax.metrics.formatting import format_number
 
 
 def test_tensorboard_scalars_round_trip(tmp_path):
@@ -58,7 +59,7 @@ def test_jsonl_rows_and_non_finite_values(tmp_path):
     assert raw[0] == {"step": 100, "train/loss": 3.1, "eval/acc": None, "tokens": 123456}
     assert raw[1] == {"step": 200, "train/loss": "NaN", "g": "Infinity", "h": "-Infinity"}
 
-    rows = writers.read_jsonl(path)
+    rows = jsonl.read(path)
     assert len(rows) == 2
     assert rows[0] == raw[0]
     assert math.isnan(rows[1]["train/loss"])
@@ -69,7 +70,7 @@ def test_jsonl_appends_across_writers(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     writers.JsonlWriter(path).write_scalars(1, {"x": 1.0})
     writers.JsonlWriter(path).write_scalars(2, {"x": 2.0})
-    assert [row["step"] for row in writers.read_jsonl(path)] == [1, 2]
+    assert [row["step"] for row in jsonl.read(path)] == [1, 2]
 
 
 def test_jsonl_rejects_step_metric(tmp_path):
@@ -94,8 +95,8 @@ def test_console_format(monkeypatch):
     [(None, "n/a"), (0.41234, "0.4123"), (0.0, "0.0000"), (7, "7"), (3e-4, "3.0000e-04"),
      (12345.0, "12345"), (2.5e7 + 0.5, "2.5000e+07"), (math.nan, "nan")],
 )
-def test_format_scalar(value, expected):
-    assert writers.format_scalar(value) == expected
+def test_format_number(value, expected):
+    assert format_number(value) == expected
 
 
 def test_as_scalar_accepts_arrays_and_rejects_vectors():
@@ -113,22 +114,22 @@ def test_multi_writer_fans_out(tmp_path):
         w.write_scalars(5, {"x": 1.5})
         w.flush()
     assert writers.read_scalars(str(tmp_path)) == {"x": [(5, 1.5)]}
-    assert writers.read_jsonl(path) == [{"step": 5, "x": 1.5}]
+    assert jsonl.read(path) == [{"step": 5, "x": 1.5}]
 
 
 def test_default_writer_primary(tmp_path):
     workdir = str(tmp_path / "run")
-    with writers.create_default_writer(workdir, is_primary=True) as writer:
+    with run_writer.create_default_writer(workdir, is_primary=True) as writer:
         writer.write_scalars(3, {"train/loss": 2.0, "metrics/acc": None})
     assert writers.read_scalars(workdir) == {"train/loss": [(3, 2.0)]}
-    assert writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")) == [
+    assert jsonl.read(os.path.join(workdir, "metrics.jsonl")) == [
         {"step": 3, "train/loss": 2.0, "metrics/acc": None}
     ]
 
 
 def test_default_writer_non_primary_writes_nothing(tmp_path):
     workdir = tmp_path / "run"
-    with writers.create_default_writer(str(workdir), is_primary=False) as writer:
+    with run_writer.create_default_writer(str(workdir), is_primary=False) as writer:
         writer.write_scalars(3, {"train/loss": 2.0})
         writer.write_texts(3, {"t": "x"})
         writer.write_hparams({"a": 1})
@@ -138,6 +139,6 @@ def test_default_writer_non_primary_writes_nothing(tmp_path):
 
 def test_default_writer_uses_process_index(tmp_path):
     # A single-process test run is process 0, hence primary.
-    writer = writers.create_default_writer(str(tmp_path))
+    writer = run_writer.create_default_writer(str(tmp_path))
     assert isinstance(writer, writers.MultiWriter)
     writer.close()

@@ -28,10 +28,8 @@ without network, and a resume must work offline): delete its entry to tokenize i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -44,13 +42,11 @@ import numpy as np
 from absl import logging
 
 from tdlm_jax.data import documents, hf_source, sources
+from tdlm_jax.data.cache_key import ENV_DIR, FORMAT_VERSION, cache_identity, cache_root, entry_directory
 from tdlm_jax.data.tokenizer import Tokenizer
 from tdlm_jax.errors import DataError
 
-FORMAT_VERSION = 1  # bump when the stored layout, or the text a source yields, changes
 SPLITS = ("train", "val")
-ENV_DIR = "TDLM_CACHE_DIR"
-_INFO_KEYS = ("name", "vocab_size", "text_vocab_size", "mask_id", "pad_id", "eos_id")
 _FLUSH_TOKENS = 1 << 22  # tokens buffered per write (16 MB of int32)
 _BATCH_DOCS, _BATCH_CHARS = 1024, 1 << 22  # documents per encode_batch call, at most
 
@@ -101,29 +97,6 @@ class TokenCache:
     seconds: float  # to build it, or to open it
 
 
-def cache_root(data: ml_collections.ConfigDict) -> str:
-    """The cache directory `data.cache_dir` names (see the module docstring for the default)."""
-    root = data.get("cache_dir", "") or os.environ.get(ENV_DIR, "")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME", "") or "~/.cache", "tdlm_jax", "tokens")
-    return os.path.abspath(os.path.expanduser(root))
-
-
-def cache_identity(data: ml_collections.ConfigDict, tok: Tokenizer) -> dict[str, Any]:
-    """Everything that determines the cached tokens, as JSON-ready values."""
-    is_hf = hf_source.is_hf_source(data.source)
-    return {
-        "format": FORMAT_VERSION,
-        "source": _source_identity(data.source),
-        "tokenizer": {**{key: getattr(tok, key) for key in _INFO_KEYS},
-                      "files": [_sha256(path) for path in getattr(tok, "files", ())]},
-        "text_field": data.get("text_field", "text"),
-        "txt_documents": data.get("txt_documents", "file"),
-        "val_fraction": float(data.val_fraction),
-        "hf_max_documents": int(data.get("hf_max_documents", 0)) if is_hf else 0,
-    }
-
-
 def open_or_build(data: ml_collections.ConfigDict, tok: Tokenizer) -> TokenCache:
     """The cache entry of `data` tokenized by `tok`: reused if it exists and is intact, else built.
 
@@ -133,9 +106,8 @@ def open_or_build(data: ml_collections.ConfigDict, tok: Tokenizer) -> TokenCache
     """
     start = time.perf_counter()
     identity = cache_identity(data, tok)
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     root = cache_root(data)
-    directory = os.path.join(root, f"{_slug(data.source)}.{_slug(tok.name)}.{key}")
+    directory = entry_directory(root, data.source, tok.name, identity)
     if os.path.isdir(directory):
         try:
             cache = _open(directory, identity, tok, built=False, start=start)
@@ -386,39 +358,6 @@ def _local_documents(data: ml_collections.ConfigDict) -> Iterator[str]:
     for path in sources.resolve_paths(data.source):
         yield from documents.read_file_documents(path, txt_documents=data.get("txt_documents", "file"),
                                                  text_field=data.get("text_field", "text"))
-
-
-def _source_identity(source: str) -> dict[str, Any]:
-    if source == sources.SHAKESPEARE:
-        return {"kind": "shakespeare", "files": [_stat(p) for p in sources.shakespeare_files()]}
-    if hf_source.is_hf_source(source):
-        spec = hf_source.parse_source(source)
-        identity: dict[str, Any] = {"kind": "hf", "name": spec.name, "config": spec.config, "revision": spec.revision}
-        if spec.is_local:  # a local dataset can change: list its files like a glob's
-            root = os.path.abspath(os.path.expanduser(spec.name))
-            identity["files"] = [_stat(os.path.join(d, n), relative_to=root) for d, _, names in sorted(os.walk(root))
-                                 for n in sorted(names)]
-        return identity
-    return {"kind": "files", "files": [_stat(os.path.abspath(p)) for p in sources.resolve_paths(source)]}
-
-
-def _stat(path: str, relative_to: str | None = None) -> list[Any]:
-    st = os.stat(path)
-    return [os.path.relpath(path, relative_to) if relative_to else path, st.st_size, st.st_mtime_ns]
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _slug(text: str) -> str:
-    """A short, readable, filesystem-safe hint of a source or tokenizer name."""
-    tail = os.path.basename(text.rstrip("/")) or text
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", tail).strip("_")[:32] or "data"
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:

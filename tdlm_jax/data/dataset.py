@@ -23,17 +23,15 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from typing import Any
 
 import ml_collections
 import numpy as np
 
 from tdlm_jax.data import cache, documents, hf_source, pipeline
-from tdlm_jax.data.tokenizer import Tokenizer, get_tokenizer
+from tdlm_jax.data.tokenizer import Tokenizer, get_tokenizer, identity
 from tdlm_jax.errors import DataError
 
 TOKENIZER_INFO = "tokenizer_info.json"
-_INFO_KEYS = ("name", "vocab_size", "text_vocab_size", "mask_id", "pad_id", "eos_id")
 Windows = tuple[np.ndarray, np.ndarray]  # (tokens int32[N, L], valid bool[N, L])
 
 
@@ -154,15 +152,10 @@ def load_tokenizer(workdir: str, name: str) -> Tokenizer:
     return tok
 
 
-def tokenizer_info(tok: Tokenizer) -> dict[str, Any]:
-    """What tokenizer_info.json records."""
-    return {key: getattr(tok, key) for key in _INFO_KEYS}
-
-
 def _check_or_write_info(workdir: str, tok: Tokenizer, write: bool = True) -> None:
     """Compares the tokenizer with the workdir's record, or writes the record if there is none."""
     path = os.path.join(workdir, TOKENIZER_INFO)
-    current = tokenizer_info(tok)
+    current = identity(tok)
     if os.path.isfile(path):
         try:
             with open(path) as f:

@@ -132,46 +132,6 @@ class StreamWindows:
         return np.stack([r["tokens"] for r in rows]), np.stack([r["valid"] for r in rows])
 
 
-def make_train_iterator(
-    tokens: np.ndarray,
-    *,
-    seq_len: int,
-    global_batch_size: int,
-    seed: int,
-    pad_id: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.DatasetIterator:
-    """Returns an infinite, checkpointable iterator of this host's training batches.
-
-    Windows are shuffled with a fresh permutation every epoch (grain's shuffle
-    derives a per-epoch seed from the epoch index). The stream is cut into
-    host-sized batches and host h takes every `process_count`-th one, starting
-    at h, so at every step the hosts' batches, stacked in process order, are
-    exactly the global batch a single host would see, rows in the same order
-    (the stratified sampler assigns noise levels by row, so the order matters).
-
-    Args:
-        tokens: 1-D training token stream.
-        seq_len: window length L.
-        global_batch_size: rows per step summed over all hosts.
-        seed: shuffle seed (non-negative int); same seed -> same batches.
-        pad_id: id filling the final partial window.
-        process_index: this host's index in [0, process_count).
-        process_count: number of hosts.
-
-    Returns:
-        A grain iterator of {"tokens": int32[B_local, L], "valid": bool[B_local, L]},
-        B_local = global_batch_size // process_count, supporting get_state/set_state.
-
-    Raises:
-        DataError: on an empty stream, a non-positive size, a negative seed, or a
-            global_batch_size not divisible by process_count.
-    """
-    return train_iterator(_WindowSource(*windows(tokens, seq_len, pad_id)), global_batch_size=global_batch_size,
-                          seed=seed, process_index=process_index, process_count=process_count)
-
-
 class WindowSource(Protocol):
     """Random access to windows: what `train_iterator` shuffles and batches."""
 
@@ -190,13 +150,32 @@ def train_iterator(
     worker_count: int = 0,
     prefetch_buffer_size: int = 1,
 ) -> "TrainIterator":
-    """The training iterator of `make_train_iterator` over any window source (see its docstring).
+    """An infinite, checkpointable iterator of this host's training batches of `source`'s windows.
+
+    Windows are shuffled with a fresh permutation every epoch (grain's shuffle derives a
+    per-epoch seed from the epoch index). The stream is cut into host-sized batches and host
+    h takes every `process_count`-th one, starting at h, so at every step the hosts' batches,
+    stacked in process order, are exactly the global batch a single host would see, rows in
+    the same order (the stratified sampler assigns noise levels by row, so the order matters).
 
     Args:
+        source: random access to the windows, e.g. `StreamWindows` over the token cache.
+        global_batch_size: rows per step summed over all hosts.
+        seed: shuffle seed (non-negative int); same seed -> same batches.
+        process_index: this host's index in [0, process_count).
+        process_count: number of hosts.
         worker_count: 0 reads batches in this process when they are asked for; N > 0 reads
             them in N grain worker processes (the source is pickled to each), each keeping
             `prefetch_buffer_size` batches ready. The batches are the same either way.
         prefetch_buffer_size: batches each worker process keeps ready (>= 1).
+
+    Returns:
+        A `TrainIterator` of {"tokens": int32[B_local, L], "valid": bool[B_local, L]},
+        B_local = global_batch_size // process_count, supporting get_state/set_state.
+
+    Raises:
+        DataError: on an empty source, a non-positive size, a negative seed, or a
+            global_batch_size not divisible by process_count.
     """
     local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -254,12 +233,6 @@ class TrainIterator(grain.DatasetIterator):
         self._close_iterator()
         self._next_index = int(index)
 
-    def start_prefetch(self) -> None:
-        """Starts the worker processes now (they take seconds), e.g. while parameters restore."""
-        if self._iterator is None:
-            self._iterator = self._open()
-        self._iterator.start_prefetch()
-
     def close(self) -> None:
         """Stops the worker processes; call it when the run ends."""
         self._close_iterator()
@@ -286,31 +259,18 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_eval_batches(
-    tokens: np.ndarray,
-    *,
-    seq_len: int,
-    batch_size: int,
-    num_batches: int | None,
-    pad_id: int,
-) -> list[Batch]:
-    """Returns a fixed list of validation batches of consecutive windows.
+def eval_batches_from_source(source: StreamWindows, *, batch_size: int, num_batches: int | None,
+                             pad_id: int) -> list[Batch]:
+    """A fixed list of validation batches of consecutive windows, reading only the windows used.
 
     Takes the first `num_batches * batch_size` windows in order (all windows when
-    `num_batches` is 0 or None, or when fewer exist). Every batch has exactly
-    `batch_size` rows so the eval step compiles once: missing rows at the end are
-    filled with pad_id and valid=False, contributing nothing to any metric.
+    `num_batches` is 0 or None, or when fewer exist). Every batch has exactly `batch_size`
+    rows so the eval step compiles once: missing rows at the end are filled with pad_id and
+    valid=False, contributing nothing to any metric.
 
     Returns:
         A list of {"tokens": int32[batch_size, L], "valid": bool[batch_size, L]}.
     """
-    return eval_batches_from_windows(*windows(tokens, seq_len, pad_id), batch_size=batch_size,
-                                     num_batches=num_batches, pad_id=pad_id)
-
-
-def eval_batches_from_source(source: StreamWindows, *, batch_size: int, num_batches: int | None,
-                             pad_id: int) -> list[Batch]:
-    """`make_eval_batches` over `StreamWindows`, reading only the windows it uses."""
     count = len(source) if not num_batches or num_batches < 0 else num_batches * batch_size
     return eval_batches_from_windows(*source.rows(0, count), batch_size=batch_size, num_batches=num_batches,
                                      pad_id=pad_id)
@@ -324,7 +284,7 @@ def eval_batches_from_windows(
     num_batches: int | None,
     pad_id: int,
 ) -> list[Batch]:
-    """`make_eval_batches` over windows already cut (e.g. by `pack`)."""
+    """`eval_batches_from_source` over windows already cut (e.g. by `pack`)."""
     _check_positive("batch_size", batch_size, "--config.data.eval_batch_size")
     if num_batches is not None and num_batches < 0:
         raise DataError(
@@ -341,20 +301,6 @@ def eval_batches_from_windows(
         {"tokens": tokens_nxl[i : i + batch_size], "valid": valid_nxl[i : i + batch_size]}
         for i in range(0, total, batch_size)
     ]
-
-
-class _WindowSource:
-    """Random-access grain source yielding one window dict per index."""
-
-    def __init__(self, tokens_nxl: np.ndarray, valid_nxl: np.ndarray):
-        self._tokens = tokens_nxl
-        self._valid = valid_nxl
-
-    def __len__(self) -> int:
-        return len(self._tokens)
-
-    def __getitem__(self, index: int) -> Batch:
-        return {"tokens": self._tokens[index], "valid": self._valid[index]}
 
 
 def _grain_seed(seed: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from tdlm_jax.data.tokenizer import SpecialIds, decode_with_specials, special_ids
+from tdlm_jax.data.id_layout import SpecialIds, decode_with_specials, special_ids
 from tdlm_jax.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"

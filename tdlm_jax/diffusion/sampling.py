@@ -51,6 +51,20 @@ from tdlm_jax.errors import ConfigError
 METHODS = ("ancestral", "confidence")
 REMASKING = ("low_confidence", "random")
 
+# The sampler registry: the names `sampling.method` and `--sampler` take -> (method, remasking).
+SAMPLERS = {
+    "ancestral": ("ancestral", "low_confidence"),
+    "confidence": ("confidence", "low_confidence"),
+    "random_remask": ("confidence", "random"),
+}
+
+
+def resolve_sampler(name: str) -> tuple[str, str]:
+    """(method, remasking) of a sampler name; ConfigError if unknown."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}: set --sampler to one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.tier1 import safe_ratio
 
 
@@ -97,12 +98,12 @@ def advanced_metrics(hidden_BxLxD: jax.Array, attention_probs_KxBxNxLxL: jax.Arr
     """All tier-3 metrics of one batch as float32 scalars; names as in the metrics guide."""
     by_layer_K = attention_entropy_by_layer(attention_probs_KxBxNxLxL, valid_BxL)
     out = {
-        "advanced/attention_entropy_proxy": attention_entropy_proxy(hidden_BxLxD, valid_BxL),
-        "advanced/hidden_state_norm": hidden_state_norm(hidden_BxLxD, valid_BxL),
-        "advanced/sequence_diversity": sequence_diversity(hidden_BxLxD, valid_BxL),
+        names.ATTENTION_ENTROPY_PROXY: attention_entropy_proxy(hidden_BxLxD, valid_BxL),
+        names.HIDDEN_STATE_NORM: hidden_state_norm(hidden_BxLxD, valid_BxL),
+        names.SEQUENCE_DIVERSITY: sequence_diversity(hidden_BxLxD, valid_BxL),
         # Each layer has the same valid queries and heads, so the pooled mean is the mean of layers.
-        "advanced/attention_entropy": by_layer_K.mean(),
+        names.ATTENTION_ENTROPY: by_layer_K.mean(),
     }
     for layer in range(by_layer_K.shape[0]):
-        out[f"advanced/attention_entropy/layer_{layer}"] = by_layer_K[layer]
+        out[names.LAYER_ATTENTION_ENTROPY.format(layer=layer)] = by_layer_K[layer]
     return {name: value.astype(jnp.float32) for name, value in out.items()}

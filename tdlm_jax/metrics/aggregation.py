@@ -4,9 +4,9 @@ conversion of fetched values into what the writers receive.
 The train loop adds each step's tier-1 metrics into a running (sum, count) pytree with a
 jitted add, so nothing is copied to the host between logging steps. A metric that can be
 undefined for a batch (a ratio with an empty denominator: an empty bucket's accuracy, a
-correlation over constant weights) is NaN on the device; such NaNs are left out of
-interval means and are written as missing (None), never as 0. A NaN in any other metric
-is a real numerical failure and is written as NaN.
+correlation over constant weights; the catalogue's `missing`) is NaN on the device; such
+NaNs are left out of interval means and are written as missing (None), never as 0. A NaN
+in any other metric is a real numerical failure and is written as NaN.
 """
 
 from __future__ import annotations
@@ -18,25 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdlm_jax.metrics.research import BUCKETS
-
-TRAIN_NAMES = ("train/loss", "train/learning_rate", "train/grad_norm", "train/skipped_steps",
-               "train/consecutive_skipped_steps")
-TIER1_NAMES = TRAIN_NAMES + ("metrics/mask_accuracy", "metrics/total_masked_tokens", "metrics/valid_ratio")
-
-# Running totals: an interval reports their latest value, not a mean.
-CUMULATIVE = frozenset(["train/skipped_steps", "train/consecutive_skipped_steps"])
-
-UNDEFINED_WHEN_EMPTY = frozenset(
-    ["metrics/mask_accuracy", "metrics/valid_ratio",
-     "research/weight_difficulty_correlation", "research/avg_loss_weight", "research/weight_std",
-     "research/avg_prediction_difficulty", "research/gradient_norm_ratio_high_to_low",
-     "val/mask_accuracy"]
-    + [f"research/{b}_corruption_accuracy" for b in BUCKETS]
-)
+from tdlm_jax.metrics.catalogue import CUMULATIVE, MISSING_WHEN_EMPTY
 
 
-def empty_interval(names=TIER1_NAMES) -> dict[str, tuple[jax.Array, jax.Array]]:
+def empty_interval(names: tuple[str, ...]) -> dict[str, tuple[jax.Array, jax.Array]]:
     return {name: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for name in names}
 
 
@@ -49,7 +34,7 @@ def accumulate(interval: dict, metrics: Mapping[str, jax.Array]) -> dict:
         if name in CUMULATIVE:
             out[name] = (value, jnp.ones((), jnp.float32))
             continue
-        skip = jnp.isnan(value) if name in UNDEFINED_WHEN_EMPTY else jnp.zeros((), bool)
+        skip = jnp.isnan(value) if name in MISSING_WHEN_EMPTY else jnp.zeros((), bool)
         out[name] = (total + jnp.where(skip, 0.0, value), count + jnp.where(skip, 0.0, 1.0))
     return out
 
@@ -65,5 +50,5 @@ def to_host_scalars(values: Mapping[str, jax.Array | np.ndarray | float]) -> dic
     out = {}
     for name, value in values.items():
         x = float(np.asarray(value))
-        out[name] = None if (name in UNDEFINED_WHEN_EMPTY and math.isnan(x)) else x
+        out[name] = None if (name in MISSING_WHEN_EMPTY and math.isnan(x)) else x
     return out

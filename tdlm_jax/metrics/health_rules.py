@@ -15,28 +15,24 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
-from tdlm_jax.metrics.research import BUCKETS
+from tdlm_jax.metrics import catalogue as names
+from tdlm_jax.metrics.catalogue import BUCKETS, bucket_name
+from tdlm_jax.metrics.formatting import format_number
+from tdlm_jax.metrics.health_thresholds import HealthThresholds
 
-if TYPE_CHECKING:  # health imports this module; the thresholds are only needed as a type here
-    from tdlm_jax.metrics.health import HealthThresholds
-
-TRAIN_LOSS, GRAD_NORM, SKIPPED = "train/loss", "train/grad_norm", "train/skipped_steps"
-MASK_ACCURACY = "metrics/mask_accuracy"
-VAL_LOSS = "val/loss"
+TRAIN_LOSS, GRAD_NORM, SKIPPED = names.TRAIN_LOSS, names.GRAD_NORM, names.SKIPPED_STEPS
+MASK_ACCURACY, VAL_LOSS = names.MASK_ACCURACY, names.VAL_LOSS
 # Derived by `History.record`: val/loss minus the latest train/loss logged at or before it,
 # and sequence diversity relative to the hidden-state norm (see `derive`).
 VAL_TRAIN_GAP = "derived/val_minus_train_loss"
 RELATIVE_DIVERSITY = "derived/relative_sequence_diversity"
-HIGH_ACCURACY, MEDIUM_ACCURACY = "research/high_corruption_accuracy", "research/medium_corruption_accuracy"
-GRADIENT_RATIO = "research/gradient_norm_ratio_high_to_low"
-HIGH_GRADIENT, LOW_GRADIENT = "research/gradient_norm_high_corruption", "research/gradient_norm_low_corruption"
-AVG_LOSS_WEIGHT = "research/avg_loss_weight"
-WEIGHT_DIFFICULTY = "research/weight_difficulty_correlation"
-HIDDEN_STATE_NORM = "advanced/hidden_state_norm"
-ATTENTION_ENTROPY = "advanced/attention_entropy"
-SEQUENCE_DIVERSITY = "advanced/sequence_diversity"
+HIGH_ACCURACY, MEDIUM_ACCURACY = (bucket_name(names.BUCKET_ACCURACY, b) for b in ("high", "medium"))
+GRADIENT_RATIO = names.GRADIENT_RATIO
+HIGH_GRADIENT, LOW_GRADIENT = (bucket_name(names.BUCKET_GRADIENT_NORM, b) for b in ("high", "low"))
+AVG_LOSS_WEIGHT, WEIGHT_DIFFICULTY = names.AVG_LOSS_WEIGHT, names.WEIGHT_DIFFICULTY
+HIDDEN_STATE_NORM, ATTENTION_ENTROPY = names.HIDDEN_STATE_NORM, names.ATTENTION_ENTROPY
+SEQUENCE_DIVERSITY = names.SEQUENCE_DIVERSITY
 
 Point = tuple[int, float]
 
@@ -97,7 +93,7 @@ class Check:
     detail: str
 
 
-Evaluate = Callable[[Mapping[str, float], History, "HealthThresholds", int], "Check | None"]
+Evaluate = Callable[[Mapping[str, float], History, HealthThresholds, int], "Check | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +103,6 @@ class Rule:
     name: str
     meaning: str  # what the guide says the sign means
     evaluate: Evaluate
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
 
 
 def _strictly_decreasing(values: list[float]) -> bool:
@@ -127,20 +119,20 @@ def check_bucket_order(row: Mapping[str, float], history: History, th: HealthThr
     if high is None or medium is None or step < th.warmup_steps:
         return None
     return Check(high > medium + th.bucket_order_margin, {HIGH_ACCURACY: high, MEDIUM_ACCURACY: medium},
-                 f"high-corruption accuracy {_fmt(high)} vs medium {_fmt(medium)} "
+                 f"high-corruption accuracy {format_number(high)} vs medium {format_number(medium)} "
                  f"(fires above medium + {th.bucket_order_margin})")
 
 
 def zero_accuracy_rule(bucket: str) -> Rule:
     """A bucket whose masked tokens are all predicted wrong while it holds sequences."""
-    accuracy_key, count_key = f"research/{bucket}_corruption_accuracy", f"research/{bucket}_corruption_count"
+    accuracy_key, count_key = bucket_name(names.BUCKET_ACCURACY, bucket), bucket_name(names.BUCKET_COUNT, bucket)
 
     def check(row: Mapping[str, float], history: History, th: HealthThresholds, step: int) -> Check | None:
         accuracy, count = row.get(accuracy_key), row.get(count_key)
         if accuracy is None or count is None or step < th.warmup_steps:
             return None
         return Check(count > 0 and accuracy == 0.0, {accuracy_key: accuracy, count_key: count},
-                     f"{bucket}-corruption accuracy {_fmt(accuracy)} over {_fmt(count)} sequences")
+                     f"{bucket}-corruption accuracy {format_number(accuracy)} over {format_number(count)} sequences")
 
     return Rule(f"zero_accuracy_{bucket}_corruption",
                 "Training failure: a corruption level with 0% accuracy (guide: 'any corruption level "
@@ -159,7 +151,7 @@ def check_mask_accuracy_stagnation(row: Mapping[str, float], history: History, t
     gain = window[-1] - window[0]
     return Check(window[-1] < th.mask_accuracy_floor and gain < th.stagnation_min_improvement,
                  {MASK_ACCURACY: window[-1]},
-                 f"mask accuracy {_fmt(window[-1])} (floor {th.mask_accuracy_floor}), gain {_fmt(gain)} over "
+                 f"mask accuracy {format_number(window[-1])} (floor {th.mask_accuracy_floor}), gain {format_number(gain)} over "
                  f"the last {th.stagnation_window} points (needs >= {th.stagnation_min_improvement})")
 
 
@@ -176,16 +168,16 @@ def range_rule(name: str, metric: str, low: str | None, high: str | None, meanin
         value = row.get(metric)
         if value is None:
             return None
-        judged, label = value, f"{metric}={_fmt(value)}"
+        judged, label = value, f"{metric}={format_number(value)}"
         if median_window is not None and math.isfinite(value):
             n = getattr(th, median_window)
             recent = next(history.values(metric, k) for k in range(n, 0, -1) if history.values(metric, k))
             judged = statistics.median(recent)
-            label = f"median of the last {len(recent)} {metric}={_fmt(judged)} (latest {_fmt(value)})"
+            label = f"median of the last {len(recent)} {metric}={format_number(judged)} (latest {format_number(value)})"
         lo = -math.inf if low is None else getattr(th, low)
         hi = math.inf if high is None else getattr(th, high)
         # Written as "not inside" so that NaN fires: a non-finite norm or weight is never healthy.
-        return Check(not lo <= judged <= hi, {metric: value}, f"{label} (healthy range [{_fmt(lo)}, {_fmt(hi)}])")
+        return Check(not lo <= judged <= hi, {metric: value}, f"{label} (healthy range [{format_number(lo)}, {format_number(hi)}])")
 
     return Rule(name, meaning, check)
 
@@ -205,8 +197,8 @@ def decreasing_trend_rule(name: str, metric: str, meaning: str, shown: tuple[str
         drop = (window[0] - window[-1]) / window[0] if window[0] > 0 else 0.0
         values = {metric: window[-1], **{k: row[k] for k in shown if k in row}}
         return Check(_strictly_decreasing(window) and drop > th.trend_min_drop, values,
-                     f"{metric} {_fmt(window[0])} -> {_fmt(window[-1])} over the last {th.trend_window} points "
-                     f"(relative drop {_fmt(drop)}; fires above {th.trend_min_drop} if strictly decreasing)")
+                     f"{metric} {format_number(window[0])} -> {format_number(window[-1])} over the last {th.trend_window} points "
+                     f"(relative drop {format_number(drop)}; fires above {th.trend_min_drop} if strictly decreasing)")
 
     return Rule(name, meaning, check)
 
@@ -222,8 +214,8 @@ def check_overfitting(row: Mapping[str, float], history: History, th: HealthThre
     val_values, gap_values = [v for _, v in val], [g for _, g in gap]
     return Check(_strictly_increasing(val_values) and _strictly_increasing(gap_values),
                  {VAL_LOSS: val_values[-1], VAL_TRAIN_GAP: gap_values[-1]},
-                 f"val/loss {_fmt(val_values[0])} -> {_fmt(val_values[-1])}, val-train gap "
-                 f"{_fmt(gap_values[0])} -> {_fmt(gap_values[-1])} over the last {th.overfit_window} evaluations")
+                 f"val/loss {format_number(val_values[0])} -> {format_number(val_values[-1])}, val-train gap "
+                 f"{format_number(gap_values[0])} -> {format_number(gap_values[-1])} over the last {th.overfit_window} evaluations")
 
 
 def check_non_finite(row: Mapping[str, float], history: History, th: HealthThresholds, step: int) -> Check | None:
@@ -239,7 +231,7 @@ def check_non_finite(row: Mapping[str, float], history: History, th: HealthThres
     problems = [f"{k}={row[k]}" for k in (TRAIN_LOSS, GRAD_NORM) if k in row and not math.isfinite(row[k])]
     skipped = history.values(SKIPPED, 2) if SKIPPED in row else None
     if skipped is not None and skipped[1] > skipped[0]:
-        problems.append(f"{SKIPPED} {_fmt(skipped[0])} -> {_fmt(skipped[1])}")
+        problems.append(f"{SKIPPED} {format_number(skipped[0])} -> {format_number(skipped[1])}")
     return Check(bool(problems), present, "; ".join(problems) or "loss and gradient finite, no skipped update")
 
 
@@ -252,7 +244,7 @@ def check_weight_difficulty_sign(row: Mapping[str, float], history: History, th:
         return None
     firing = corr > th.weight_difficulty_margin if sign == "negative" else corr < -th.weight_difficulty_margin
     return Check(firing, {WEIGHT_DIFFICULTY: corr},
-                 f"weight-difficulty correlation {_fmt(corr)} (expected {sign}, margin {th.weight_difficulty_margin})")
+                 f"weight-difficulty correlation {format_number(corr)} (expected {sign}, margin {th.weight_difficulty_margin})")
 
 
 def default_rules() -> list[Rule]:

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import optax
 
 from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess
+from tdlm_jax.metrics import catalogue as names
+from tdlm_jax.metrics.catalogue import BUCKETS, bucket_name
 from tdlm_jax.metrics.tier1 import correct_rows, safe_ratio
-
-BUCKETS = ("low", "medium", "high")
 
 # (params, batch) -> (per-row NELBO contributions float32[rows], logits [rows, L, V])
 RowLossFn = Callable[[Any, Corrupted], tuple[jax.Array, jax.Array]]
@@ -121,16 +121,16 @@ def research_metrics(rows: dict[str, jax.Array], batch: Corrupted, process: Forw
     norms = [optax.tree.norm(g) for g in grads_by_bucket]
     total_grad = jax.tree.map(lambda *gs: sum(gs), *grads_by_bucket)
     out = {}
-    for b, name in enumerate(BUCKETS):
+    for b, bucket in enumerate(BUCKETS):
         in_bucket_B = buckets_B == b
-        out[f"research/{name}_corruption_accuracy"] = safe_ratio(
+        out[bucket_name(names.BUCKET_ACCURACY, bucket)] = safe_ratio(
             jnp.where(in_bucket_B, rows["correct_B"], 0.0).sum(), jnp.where(in_bucket_B, masked_B, 0).sum())
-        out[f"research/{name}_corruption_count"] = in_bucket_B.sum().astype(jnp.float32)
-        out[f"research/{name}_corruption_loss"] = jnp.where(in_bucket_B, row_losses_B, 0.0).sum()
-        out[f"research/gradient_norm_{name}_corruption"] = norms[b]
-    out["research/gradient_norm_total"] = optax.tree.norm(total_grad)
-    low_is_empty = out["research/low_corruption_count"] == 0
-    out["research/gradient_norm_ratio_high_to_low"] = jnp.where(
+        out[bucket_name(names.BUCKET_COUNT, bucket)] = in_bucket_B.sum().astype(jnp.float32)
+        out[bucket_name(names.BUCKET_LOSS, bucket)] = jnp.where(in_bucket_B, row_losses_B, 0.0).sum()
+        out[bucket_name(names.BUCKET_GRADIENT_NORM, bucket)] = norms[b]
+    out[names.GRADIENT_NORM_TOTAL] = optax.tree.norm(total_grad)
+    low_is_empty = out[bucket_name(names.BUCKET_COUNT, BUCKETS[0])] == 0
+    out[names.GRADIENT_RATIO] = jnp.where(
         low_is_empty, jnp.nan, safe_ratio(norms[-1], norms[0]))
     out.update(weight_difficulty_metrics(rows, batch))
     return out
@@ -168,9 +168,9 @@ def weight_difficulty_metrics(rows: dict[str, jax.Array], batch: Corrupted) -> d
     mean_weight = safe_ratio((batch.weight_B * masked_B).sum(), n)
     weight_var = safe_ratio((masked_B * (batch.weight_B - mean_weight) ** 2).sum(), n)
     return {
-        "research/weight_difficulty_correlation": row_constant_pearson(
+        names.WEIGHT_DIFFICULTY: row_constant_pearson(
             batch.weight_B, masked_B, rows["difficulty_sum_B"], rows["difficulty_m2_B"]),
-        "research/avg_loss_weight": mean_weight,
-        "research/weight_std": jnp.sqrt(weight_var),
-        "research/avg_prediction_difficulty": safe_ratio(rows["difficulty_sum_B"].sum(), n),
+        names.AVG_LOSS_WEIGHT: mean_weight,
+        names.WEIGHT_STD: jnp.sqrt(weight_var),
+        names.AVG_PREDICTION_DIFFICULTY: safe_ratio(rows["difficulty_sum_B"].sum(), n),
     }

@@ -2,7 +2,7 @@
 
 Every ratio is pooled over the global batch (total correct / total masked), never a mean
 of per-device means. A ratio with an empty denominator is NaN on the device and is
-written as missing (see `UNDEFINED_WHEN_EMPTY` in `tdlm_jax.metrics.logging`).
+written as missing (the catalogue's `missing`, `tdlm_jax.metrics.catalogue`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from tdlm_jax.diffusion.corruption import Corrupted
 from tdlm_jax.diffusion.loss import correct_predictions
+from tdlm_jax.metrics import catalogue as names
 
 
 def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -41,7 +42,7 @@ def tier1_metrics(correct_B: jax.Array, batch: Corrupted) -> dict[str, jax.Array
     """
     num_masked = batch.masked_BxL.sum().astype(jnp.float32)
     return {
-        "metrics/mask_accuracy": safe_ratio(correct_B.sum(), num_masked),
-        "metrics/total_masked_tokens": num_masked,
-        "metrics/valid_ratio": safe_ratio(num_masked, batch.drawn_BxL.sum()),
+        names.MASK_ACCURACY: safe_ratio(correct_B.sum(), num_masked),
+        names.TOTAL_MASKED_TOKENS: num_masked,
+        names.VALID_RATIO: safe_ratio(num_masked, batch.drawn_BxL.sum()),
     }

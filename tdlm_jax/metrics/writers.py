@@ -6,30 +6,27 @@ bucket) and is never shown as 0: TensorBoard skips it, JSONL writes `null`, the 
 prints `n/a`.
 
 Hyperparameters live in `<workdir>/config.json` (written by the trainer); here they only
-go to TensorBoard, as a text summary, and to the console.
+go to TensorBoard, as a text summary, and to the console. metrics.jsonl rows are encoded by
+`tdlm_jax.metrics.jsonl`; the run's set of writers is built by `tdlm_jax.metrics.run_writer`.
 """
 
 import abc
 import glob
-import json
-import math
 import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-Scalar = int | float | None
+from tdlm_jax.metrics import jsonl
+from tdlm_jax.metrics.formatting import format_number
 
-# JSON has no NaN/Infinity literals; Python's json module would emit them anyway and
-# produce files other readers reject, so non-finite floats are stored as these strings.
-_NON_FINITE_TO_JSON = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+Scalar = int | float | None
 
 
 class MetricWriter(abc.ABC):
@@ -164,25 +161,12 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
-def _to_json_value(value: Scalar) -> int | float | str | None:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
-
-
-def _from_json_value(value: Any) -> Any:
-    if isinstance(value, str) and value in _NON_FINITE_TO_JSON:
-        return _NON_FINITE_TO_JSON[value]
-    return value
-
-
 class JsonlWriter(MetricWriter):
     """Appends one JSON object per `write_scalars` call to `path`.
 
-    Rows look like `{"step": 100, "train/loss": 3.1, "eval/acc": null}`: `null` means
-    missing; NaN and +-inf are written as the strings "NaN", "Infinity", "-Infinity"
-    (valid JSON, unlike Python's default) and `read_jsonl` turns them back into floats.
-    Texts and hparams are not written here (config.json holds the hparams).
+    Rows look like `{"step": 100, "train/loss": 3.1, "eval/acc": null}`, in the encoding
+    of `tdlm_jax.metrics.jsonl` (which reads them back). Texts and hparams are not written
+    here (config.json holds the hparams).
     """
 
     def __init__(self, path: str) -> None:
@@ -192,12 +176,9 @@ class JsonlWriter(MetricWriter):
     def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
         if "step" in scalars:
             raise ValueError("'step' is reserved in metrics.jsonl rows; rename that metric")
-        row = {"step": int(step)}
-        row.update({k: _to_json_value(as_scalar(v)) for k, v in scalars.items()})
-        # Open, append and close on every call so that a killed run loses nothing;
-        # writes only happen on logging steps, so this costs nothing measurable.
-        with open(self._path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        # Appended and closed on every call, so that a killed run loses nothing; writes only
+        # happen on logging steps, so this costs nothing measurable.
+        jsonl.append(self._path, {"step": int(step), **{k: as_scalar(v) for k, v in scalars.items()}})
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         del step, texts  # metrics.jsonl holds scalars only.
@@ -212,60 +193,11 @@ class JsonlWriter(MetricWriter):
         pass
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Reads the rows of a metrics.jsonl file, restoring NaN/inf floats."""
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [{k: _from_json_value(v) for k, v in row.items()} for row in rows]
-
-
-def drop_rows_after(path: str, step: int) -> int:
-    """Rewrites a JSONL log without its rows past `step` (and any torn last line a kill left).
-
-    A run resumed from the checkpoint at `step` logs the later steps again; without this they
-    would appear twice. The rewrite is atomic. Returns the number of rows dropped.
-    """
-    if not os.path.exists(path):
-        return 0
-    kept, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a row cut short by a kill
-                dropped += 1
-                continue
-            if row.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-    return dropped
-
-
-def format_scalar(value: Scalar) -> str:
-    """Formats a scalar compactly: `n/a`, ints as ints, 4 decimals, tiny/huge in e-notation."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, int):
-        return str(value)
-    if not math.isfinite(value):
-        return str(value)
-    if value.is_integer() and abs(value) >= 1e4:
-        return str(int(value))
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
-        return f"{value:.4e}"
-    return f"{value:.4f}"
-
-
 class ConsoleWriter(MetricWriter):
     """Logs one line per write through absl logging."""
 
     def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
-        parts = [f"{k}={format_scalar(as_scalar(v))}" for k, v in scalars.items()]
+        parts = [f"{k}={format_number(as_scalar(v))}" for k, v in scalars.items()]
         logging.info(" | ".join([f"step {int(step)}", *parts]))
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
@@ -328,53 +260,3 @@ class NullWriter(MetricWriter):
 
     def close(self) -> None:
         pass
-
-
-def create_default_writer(
-    workdir: str,
-    *,
-    is_primary: bool | None = None,
-    wandb_project: str = "",
-    wandb_entity: str = "",
-    config: Mapping[str, Any] | None = None,
-    resume_step: int = 0,
-) -> MetricWriter:
-    """TensorBoard at `workdir` + `workdir/metrics.jsonl` + console on process 0.
-
-    Other processes get a `NullWriter`, since every process sees the same (all-reduced)
-    metrics and only one copy should land on disk. `is_primary` overrides the check.
-
-    A non-empty `wandb_project` adds a `WandbWriter` (run name: the workdir's basename;
-    wandb files and the persisted run id under `workdir`) whose run config is `config`.
-    `wandb_entity` "" uses wandb's default entity.
-
-    `resume_step` > 0 (a run restored from that checkpoint) drops the rows an interrupted
-    run logged past it from metrics.jsonl, and purges them from TensorBoard's view.
-    """
-    if is_primary is None:
-        is_primary = jax.process_index() == 0
-    if not is_primary:
-        return NullWriter()
-    wandb_writers: list[MetricWriter] = []
-    if wandb_project:
-        # Imported here: wandb_writer imports this module, and runs without wandb should
-        # not load it at all. Created first, so that a missing wandb or a failed login
-        # raises before any other writer has opened a file.
-        from tdlm_jax.metrics.wandb_writer import WandbWriter  # pylint: disable=import-outside-toplevel
-
-        wandb_writers.append(WandbWriter(
-            project=wandb_project,
-            entity=wandb_entity or None,
-            run_name=os.path.basename(os.path.normpath(os.path.abspath(workdir))),
-            config=config if config is not None else {},
-            directory=workdir,
-        ))
-    jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step:
-        drop_rows_after(jsonl_path, resume_step)
-    return MultiWriter([
-        TensorBoardWriter(workdir, purge_step=resume_step + 1 if resume_step else None),
-        JsonlWriter(jsonl_path),
-        ConsoleWriter(),
-        *wandb_writers,
-    ])

@@ -22,9 +22,12 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from tdlm_jax import autoregressive, sharding
+from tdlm_jax.model import autoregressive
+
+from tdlm_jax.parallel import sharding
 from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess, corrupt
 from tdlm_jax.diffusion.loss import correct_predictions, num_valid_tokens, weighted_token_losses
+from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics import research
 from tdlm_jax.metrics.advanced import advanced_metrics
 from tdlm_jax.metrics.tier1 import correct_rows, tier1_metrics
@@ -194,11 +197,11 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
                               skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
                               consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32))
     metrics = {
-        "train/loss": loss,
-        "train/learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32),
-        "train/grad_norm": grad_norm,
-        "train/skipped_steps": new_state.skipped_steps.astype(jnp.float32),
-        "train/consecutive_skipped_steps": new_state.consecutive_skips.astype(jnp.float32),
+        names.TRAIN_LOSS: loss,
+        names.LEARNING_RATE: jnp.asarray(lr_schedule(state.step), jnp.float32),
+        names.GRAD_NORM: grad_norm,
+        names.SKIPPED_STEPS: new_state.skipped_steps.astype(jnp.float32),
+        names.CONSECUTIVE_SKIPPED_STEPS: new_state.consecutive_skips.astype(jnp.float32),
     }
     if objective == "diffusion":
         metrics.update(tier1_metrics(stats["correct_B"], batch))

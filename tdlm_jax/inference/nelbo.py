@@ -39,15 +39,15 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tdlm_jax import config as config_lib
-from tdlm_jax import sharding
+from tdlm_jax.training import config as config_lib
+from tdlm_jax.parallel import sharding
 from tdlm_jax.data import dataset
 from tdlm_jax.diffusion.corruption import ForwardProcess, corrupt_at_times
 from tdlm_jax.diffusion.loss import correct_predictions, weighted_token_losses
 from tdlm_jax.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from tdlm_jax.workdir import TrainedModel
+    from tdlm_jax.inference.trained import TrainedModel
 
 # (params, noisy_BxL, valid_BxL, t_B) -> float32 logits [B, L, V], −inf at unpredictable ids.
 ModelFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]

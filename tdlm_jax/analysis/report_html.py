@@ -8,13 +8,13 @@ messages and config strings come from files.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from tdlm_jax import report_verdicts as verdicts
+from tdlm_jax.analysis import verdicts
+from tdlm_jax.metrics.formatting import format_number
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
@@ -66,23 +66,6 @@ _BADGE = {verdicts.HEALTHY: "healthy", verdicts.WARNING: "warning", verdicts.NO_
 _MARK = {verdicts.HEALTHY: "✓", verdicts.WARNING: "⚠", verdicts.NO_DATA: "…"}
 
 
-def fmt(value: Any) -> str:
-    """A compact number: ints as ints, 4 significant decimals, e-notation when tiny or huge."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if not math.isfinite(value):
-        return str(value)
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    if abs(value) < 1e-3 or abs(value) >= 1e6:
-        return f"{value:.4e}"
-    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"  # 10477.1, not 10477.1047
-
-
 def slug(text: str) -> str:
     """An HTML id from a metric or panel name."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
@@ -104,13 +87,13 @@ def summary_tables(summary: Mapping[str, Any] | None, latest: Sequence[tuple[str
         rows = []
         for key, value in summary.items():
             extra = f" ({60 * value:.1f} min)" if key.endswith("hours") and isinstance(value, float) else ""
-            rows.append(f'<tr><td>{escape(key)}</td><td class="num">{escape(fmt(value))}{extra}</td></tr>')
+            rows.append(f'<tr><td>{escape(key)}</td><td class="num">{escape(format_number(value))}{extra}</td></tr>')
         first = f'<table><tr><th>summary</th><th>value</th></tr>{"".join(rows)}</table>'
     else:
         first = '<p class="note">no summary yet (summary.json is written when the run ends)</p>'
     if not latest:
         return first
-    rows = "".join(f'<tr><td>{escape(n)}</td><td class="num">{s}</td><td class="num">{escape(fmt(v))}</td></tr>'
+    rows = "".join(f'<tr><td>{escape(n)}</td><td class="num">{s}</td><td class="num">{escape(format_number(v))}</td></tr>'
                    for n, s, v in latest)
     return (f'<div class="tables">{first}<table><tr><th>latest tier-1 value</th><th>step</th>'
             f'<th>value</th></tr>{rows}</table></div>')
@@ -124,7 +107,7 @@ def alerts_table(alerts: Sequence[Mapping[str, Any]], file_exists: bool) -> str:
     rows = []
     for a in sorted(alerts, key=lambda a: a["step"]):
         named = a.get("values") if isinstance(a.get("values"), Mapping) else {}
-        values = ", ".join(f"{k}={fmt(v)}" for k, v in named.items())
+        values = ", ".join(f"{k}={format_number(v)}" for k, v in named.items())
         event = str(a.get("event", ""))
         css = ' class="alert-start"' if event == "start" else ""
         text = {key: escape(str(a.get(key, ""))) for key in ("rule", "message", "meaning")}

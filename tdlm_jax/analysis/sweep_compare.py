@@ -18,10 +18,15 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from tdlm_jax import report
-from tdlm_jax.report_html import CSS
-from tdlm_jax.report_verdicts import points as metric_points
-from tdlm_jax.sweep import SweepError, format_value
+from tdlm_jax.analysis import run_report as report
+from tdlm_jax.analysis.report_html import CSS
+from tdlm_jax.analysis.verdicts import points as metric_points
+from tdlm_jax.errors import SweepError
+from tdlm_jax.metrics import catalogue as names
+from tdlm_jax.metrics import jsonl
+from tdlm_jax.metrics.catalogue import BUCKETS, bucket_name
+from tdlm_jax.metrics.formatting import format_number
+from tdlm_jax.sweeps.runner import format_value
 
 MISSING = "—"
 SEED_KEY = "seed"
@@ -32,23 +37,19 @@ COLUMNS = (
     "grad ratio high/low", "tokens/s", "alerts",
 )
 _LAST = {
-    "final mask acc": "metrics/mask_accuracy",
-    "low acc": "research/low_corruption_accuracy",
-    "medium acc": "research/medium_corruption_accuracy",
-    "high acc": "research/high_corruption_accuracy",
-    "grad ratio high/low": "research/gradient_norm_ratio_high_to_low",
+    "final mask acc": names.MASK_ACCURACY,
+    **{f"{b} acc": bucket_name(names.BUCKET_ACCURACY, b) for b in BUCKETS},
+    "grad ratio high/low": names.GRADIENT_RATIO,
 }
 # Curves overlaid across points: (panel title, metric). Panels with no data are left out,
 # so an AR-only or tier-1-only sweep shows its loss alone.
 CURVES = (
-    ("val/loss (diffusion: exact-weight NELBO; AR: exact NLL)", "val/loss"),
-    ("train/loss", "train/loss"),
-    ("metrics/mask_accuracy", "metrics/mask_accuracy"),
-    *((f"research/{b}_corruption_accuracy", f"research/{b}_corruption_accuracy") for b in ("low", "medium", "high")),
-    *((f"research/gradient_norm_{b}_corruption", f"research/gradient_norm_{b}_corruption")
-      for b in ("low", "medium", "high")),
-    ("research/gradient_norm_total", "research/gradient_norm_total"),
-    ("research/gradient_norm_ratio_high_to_low", "research/gradient_norm_ratio_high_to_low"),
+    (f"{names.VAL_LOSS} (diffusion: exact-weight NELBO; AR: exact NLL)", names.VAL_LOSS),
+    *((name, name) for name in (
+        names.TRAIN_LOSS, names.MASK_ACCURACY,
+        *(bucket_name(names.BUCKET_ACCURACY, b) for b in BUCKETS),
+        *(bucket_name(names.BUCKET_GRADIENT_NORM, b) for b in BUCKETS),
+        names.GRADIENT_NORM_TOTAL, names.GRADIENT_RATIO)),
 )
 _LINESTYLES = ("-", "--", ":", "-.")
 
@@ -77,7 +78,7 @@ class PointRun:
 
 def sweep_points(sweep_dir: str) -> list[tuple[str, dict[str, Any], str]]:
     """(name, overrides, dir) of each point, from sweep.json."""
-    record = report.read_json(os.path.join(sweep_dir, "sweep.json"))
+    record = jsonl.read_json(os.path.join(sweep_dir, "sweep.json"))
     if record is None or not isinstance(record.get("points"), list):
         raise SweepError(f"sweep error: no readable sweep.json in {sweep_dir!r}; run the sweep there first")
     # A moved sweep dir still works: a point's dir is looked up next to sweep.json first.
@@ -90,13 +91,13 @@ def sweep_points(sweep_dir: str) -> list[tuple[str, dict[str, Any], str]]:
 
 def load_point(name: str, overrides: Mapping[str, Any], directory: str) -> PointRun:
     """A point's summary, metric history and alert count; all may be missing."""
-    rows, _ = report.read_jsonl_rows(os.path.join(directory, "metrics.jsonl"))
-    summary = report.read_json(os.path.join(directory, "summary.json"))
-    alerts, _ = report.read_jsonl_rows(os.path.join(directory, "alerts.jsonl"))
+    rows = jsonl.read(os.path.join(directory, jsonl.METRICS_FILE))
+    summary = jsonl.read_json(os.path.join(directory, jsonl.SUMMARY_FILE))
+    alerts = jsonl.read(os.path.join(directory, jsonl.ALERTS_FILE))
     starts: int | None = sum(a.get("event") == "start" for a in alerts)
-    if summary and isinstance(summary.get("alerts/total"), (int, float)):
-        starts = int(summary["alerts/total"])
-    elif not os.path.exists(os.path.join(directory, "alerts.jsonl")) and not summary:
+    if summary and isinstance(summary.get(names.ALERTS_TOTAL), (int, float)):
+        starts = int(summary[names.ALERTS_TOTAL])
+    elif not os.path.exists(os.path.join(directory, jsonl.ALERTS_FILE)) and not summary:
         starts = None  # not written yet, which is not the same as "no alerts"
     return PointRun(name, dict(overrides), directory, summary, report.build_history(rows), starts)
 
@@ -112,15 +113,15 @@ def point_values(run: PointRun) -> dict[str, float | None]:
     Best val loss comes from summary.json; a point without one (still running, or
     stopped) shows the best val/loss logged so far, and its status says so.
     """
-    best = (run.summary or {}).get("summary/best_val_loss")
+    best = (run.summary or {}).get(names.BEST_VAL_LOSS)
     if best is None:
-        vals = [v for _, v in metric_points(run.history, "val/loss") if math.isfinite(v)]
+        vals = [v for _, v in metric_points(run.history, names.VAL_LOSS) if math.isfinite(v)]
         best = min(vals) if vals else None
-    speeds = [v for _, v in metric_points(run.history, "train/tokens_per_second") if math.isfinite(v)]
+    speeds = [v for _, v in metric_points(run.history, names.TOKENS_PER_SECOND) if math.isfinite(v)]
     values: dict[str, float | None] = {"best val loss": best}
     values.update({column: _last(run.history, metric) for column, metric in _LAST.items()})
-    values["tokens/s"] = statistics.fmean(speeds) if speeds else None
-    values["alerts"] = None if run.alert_starts is None else float(run.alert_starts)
+    values["tokens/s"] = round(statistics.fmean(speeds)) if speeds else None  # whole tokens: 10477, not 10477.3
+    values["alerts"] = run.alert_starts
     return values
 
 
@@ -141,22 +142,13 @@ def group_runs(runs: Sequence[PointRun]) -> list[tuple[str, list[PointRun]]]:
     return list(groups.items())
 
 
-def fmt_value(value: float | None, column: str) -> str:
-    """A cell: counts and speeds as integers, the rest with 4 decimals."""
-    if value is None:
-        return MISSING
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.0f}" if column in ("tokens/s", "alerts") else f"{value:.4f}"
-
-
-def fmt_mean_std(values: Sequence[float], column: str) -> str:
+def fmt_mean_std(values: Sequence[float]) -> str:
     """mean ± sample std of the values present; a single value alone; none as "—"."""
     if not values:
         return MISSING
     if len(values) == 1:
-        return fmt_value(values[0], column)
-    return f"{fmt_value(statistics.fmean(values), column)} ± {fmt_value(statistics.stdev(values), column)}"
+        return format_number(values[0], MISSING)
+    return f"{format_number(statistics.fmean(values))} ± {format_number(statistics.stdev(values))}"
 
 
 def group_table(runs: Sequence[PointRun]) -> tuple[list[str], list[list[str]]]:
@@ -166,7 +158,7 @@ def group_table(runs: Sequence[PointRun]) -> tuple[list[str], list[list[str]]]:
     for label, members in group_runs(runs):
         per_point = [point_values(r) for r in members]
         with_data = sum(v["best val loss"] is not None for v in per_point)
-        cells = [fmt_mean_std([v[c] for v in per_point if v[c] is not None], c) for c in COLUMNS]
+        cells = [fmt_mean_std([v[c] for v in per_point if v[c] is not None]) for c in COLUMNS]
         rows.append([label, f"{with_data}/{len(members)}", *cells])
     return header, rows
 
@@ -177,7 +169,7 @@ def point_table(runs: Sequence[PointRun]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for run in runs:
         values = point_values(run)
-        rows.append([run.name, run.status, *(fmt_value(values[c], c) for c in COLUMNS)])
+        rows.append([run.name, run.status, *(format_number(values[c], MISSING) for c in COLUMNS)])
     return header, rows
 
 

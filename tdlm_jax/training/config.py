@@ -13,17 +13,17 @@ from typing import Any, Callable
 import ml_collections
 
 from tdlm_jax.diffusion.corruption import LOSS_WEIGHTINGS, TIME_SAMPLING, ForwardProcess
+from tdlm_jax.diffusion.sampling import SAMPLERS
 from tdlm_jax.diffusion.schedules import SCHEDULES, Schedule
 from tdlm_jax.data import hf_source, tokenizer as tokenizer_lib
 from tdlm_jax.data.documents import TXT_DOCUMENTS
 from tdlm_jax.data.pipeline import PACKINGS
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.generation import SAMPLERS
-from tdlm_jax.metrics.health import thresholds_from_config
+from tdlm_jax.metrics.health_thresholds import thresholds_from_config
 from tdlm_jax.model.transformer import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig
-from tdlm_jax.optim import DECAY_SCHEDULES
-from tdlm_jax.sharding import resolve_mesh_shape
-from tdlm_jax.step import OBJECTIVES
+from tdlm_jax.training.optim import DECAY_SCHEDULES
+from tdlm_jax.parallel.sharding import resolve_mesh_shape
+from tdlm_jax.training.step import OBJECTIVES
 
 TOKENIZERS = tokenizer_lib.KINDS  # the forms data.tokenizer may take; parse_name checks one
 DTYPES = ("float32", "bfloat16")
@@ -87,9 +87,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
         value = _get(config, key)
         _require(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
     _validate_data(config)
-    source = _get(config, "data.source")
-    _require(isinstance(source, str) and source.strip() != "", "data.source", source,
-             "must be 'shakespeare' or a path or glob of text files")
     _check_range(config, "data.val_fraction", lambda x: 0 < x < 1, "must be in (0, 1)")
     _check_range(config, "diffusion.t_min", lambda x: 0 < x < 1, "must be in (0, 1); w(t) = 1/t diverges at 0")
     _check_range(config, "diffusion.polynomial_power", lambda x: x > 0, "must be positive")

@@ -1,4 +1,9 @@
-"""Loading a trained run back from its workdir, for sampling and evaluation."""
+"""A trained run loaded back from its workdir, for sampling and evaluation.
+
+`TrainedModel` is what inference takes; the trainer builds one from its live parameters to
+log samples at evaluation time. `load_trained` builds the same model the run trained
+(`tdlm_jax.training.setup`) and restores a checkpoint's parameters into it.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,11 @@ import jax
 import ml_collections
 from flax import nnx
 
-from tdlm_jax import checkpoint, sharding
-from tdlm_jax import step as step_lib
 from tdlm_jax.data import dataset, tokenizer as tokenizer_lib
 from tdlm_jax.errors import CheckpointError
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import checkpoint, setup
+from tdlm_jax.metrics.jsonl import CONFIG_FILE
 
 
 @dataclasses.dataclass
@@ -33,7 +39,7 @@ class TrainedModel:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run saved as config.json."""
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist: --workdir must be a directory written by tdlm_jax.main")
     with open(path) as f:
@@ -42,18 +48,14 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_trained(workdir: str, step: int | None = None) -> TrainedModel:
     """Restores the parameters of checkpoint `step` (default: the latest) of a workdir."""
-    from tdlm_jax import config as config_lib  # config -> generation -> this module: import late
-    from tdlm_jax.train import build_model_and_optimizer  # train imports much; only loaders need it
-
     config = load_config(workdir)
     # The tokenizer the run recorded (bpe:<n> reloads the one it trained), checked against tokenizer_info.json.
     tok = dataset.load_tokenizer(workdir, config.data.tokenizer)
-    graphdef, params, optimizer, _ = build_model_and_optimizer(config, tok)
+    graphdef, params, optimizer, _ = setup.build_model_and_optimizer(config, tok)
     replicated = sharding.replicated(sharding.make_mesh())
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            jax.eval_shape(lambda: step_lib.init_state(
-                                params, optimizer, config.seed, ema=config_lib.ema_decay(config) > 0)))
-    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+    abstract = setup.abstract_like(jax.eval_shape(lambda: setup.fresh_state(config, params, optimizer)),
+                                   lambda _: replicated)
+    with checkpoint.Checkpointer(os.path.join(workdir, setup.CHECKPOINTS)) as checkpointer:
         step = step if step is not None else checkpointer.latest_step()
         if step is None:
             raise CheckpointError(f"no checkpoint in {checkpointer.directory}: train first, or pass another --workdir")

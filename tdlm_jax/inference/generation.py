@@ -11,23 +11,10 @@ import numpy as np
 from flax import nnx
 
 from tdlm_jax.diffusion import sampling
+from tdlm_jax.diffusion.sampling import resolve_sampler
 from tdlm_jax.diffusion.schedules import Schedule
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.workdir import TrainedModel
-
-# Sampler name -> (sampling method, remasking).
-SAMPLERS = {
-    "ancestral": ("ancestral", "low_confidence"),
-    "confidence": ("confidence", "low_confidence"),
-    "random_remask": ("confidence", "random"),
-}
-
-def resolve_sampler(name: str) -> tuple[str, str]:
-    """(method, remasking) of a sampler name; ConfigError if unknown."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}: set --sampler to one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
-
+from tdlm_jax.inference.trained import TrainedModel
 
 def make_template(prompt_ids: np.ndarray, length: int, num_samples: int, mask_id: int) -> np.ndarray:
     """[num_samples, length] int32 rows: the prompt, then masks."""

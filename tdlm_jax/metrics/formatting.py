@@ -1,0 +1,24 @@
+"""The one number formatter of the console, alerts, the run report, the sweep comparison and
+the evaluation table, so a value reads the same wherever it is shown."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def format_number(value: Any, missing: str = "n/a") -> str:
+    """A compact number: `missing` for None, ints as ints, 4 decimals (1 from 100 up, so
+    10477.1 rather than 10477.1047), integral floats from 100 up as ints (counts and steps:
+    1200, not 1200.0 or 1.2000e+03), e-notation when tiny or huge; anything else as `str`."""
+    if value is None:
+        return missing
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or not math.isfinite(value):
+        return str(value)
+    if value.is_integer() and 100 <= abs(value) < 1e15:
+        return str(int(value))
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+        return f"{value:.4e}"
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"

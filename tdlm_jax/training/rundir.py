@@ -1,0 +1,118 @@
+"""Everything about a run's workdir: what it holds, that it is writable and holds nothing
+else, that a resume does not change what the run computes, and cutting its row files back
+to the checkpoint a run resumes from.
+
+    <workdir>/config.json          the resolved config (written at every start)
+              metrics.jsonl        one row per logged step and tier (`tdlm_jax.metrics.jsonl`)
+              alerts.jsonl         health alert starts and clears
+              summary.json         written when the run finishes
+              checkpoints/<step>/  orbax checkpoints: train state + data position
+              tokenizer_info.json  the tokenizer's special ids
+              compilation_cache/   compiled steps (training.compilation_cache_dir)
+              events.out.tfevents.*  TensorBoard
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from tdlm_jax.data.dataset import TOKENIZER_INFO
+from tdlm_jax.errors import CheckpointError, ConfigError
+from tdlm_jax.metrics import catalogue, jsonl
+from tdlm_jax.metrics.jsonl import ALERTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from tdlm_jax.metrics.writers import flatten_hparams
+from tdlm_jax.training.compilation import CACHE_SUBDIR
+from tdlm_jax.training.setup import CHECKPOINTS
+
+# The files that mark a directory as a run's. The last two are written first (tokenizer_info.json
+# by build_run, the compilation cache before it).
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, TOKENIZER_INFO, CACHE_SUBDIR)
+# The row files a resume cuts back to its checkpoint.
+ROW_FILES = (METRICS_FILE, ALERTS_FILE)
+
+# Keys a resumed run may not change: they define the parameters' shapes or what the data
+# iterator's saved position means. Everything else (steps, frequencies, learning rate,
+# evaluation, logging) may change, and the changes are logged.
+STRUCTURAL_KEYS = ("model.", "data.", "training.batch_size", "seed")
+# Keys under those prefixes that change how the run computes or reads, not what it computes:
+# evaluation size, input workers and cache location, attention kernel, rematerialization.
+CHANGEABLE_KEYS = ("data.eval_batch_size", "data.num_eval_batches", "data.worker_count",
+                   "data.prefetch_buffer_size", "data.cache_dir", "model.attention_impl", "model.remat",
+                   "model.remat_policy")
+
+
+def ensure_writable(workdir: str) -> None:
+    """A clear error now, rather than a traceback at the first checkpoint or metric write,
+    and never a run written into a directory that holds something else (e.g. --workdir=.)."""
+    # Hidden files are not "other files": every host of a job runs this at once, and another
+    # host's write probe or half-written record (.tokenizer_info.json.*.tmp) may be there.
+    others = [n for n in os.listdir(workdir) if not n.startswith(".")] if os.path.isdir(workdir) else []
+    if others and not any(os.path.exists(os.path.join(workdir, name)) for name in RUN_FILES):
+        raise CheckpointError(f"workdir {workdir} holds other files and no tdlm_jax run: pass a new or empty "
+                              "--workdir (the default is runs/<config name>)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # hosts may share the workdir
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"workdir {workdir} is not writable ({e.strerror}): free disk space or fix "
+                              "permissions, or pass another --workdir")
+
+
+def has_checkpoint(workdir: str) -> bool:
+    checkpoints = os.path.join(workdir, CHECKPOINTS)
+    return os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+
+
+def check_config_change(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Compares the config with the one the workdir's run saved; refuses structural changes."""
+    saved_config = jsonl.read_json(os.path.join(workdir, CONFIG_FILE))
+    if saved_config is None or not has_checkpoint(workdir):
+        return  # nothing to resume, so nothing to contradict
+    saved = flatten_hparams(saved_config)
+    current = flatten_hparams(json.loads(config.to_json_best_effort()))
+    changed = {k: (saved.get(k), current.get(k)) for k in sorted(saved.keys() | current.keys())
+               if saved.get(k) != current.get(k)}
+    if not changed:
+        return
+    described = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    structural = [k for k in changed if k.startswith(STRUCTURAL_KEYS) and k not in CHANGEABLE_KEYS]
+    if structural and not config.training.get("allow_config_change", False):
+        raise ConfigError(f"config error: resuming {workdir} with a different {', '.join(structural)} "
+                          f"({described}): use a new --workdir, or --config.training.allow_config_change=true")
+    logging.warning("resuming %s with a changed config: %s", workdir, described)
+
+
+def start(workdir: str, config: ml_collections.ConfigDict, resume_step: int) -> None:
+    """Process 0's bookkeeping before the first step: the row files cut back to `resume_step`
+    (the later rows would be logged twice: the resumed run logs those steps again, and a
+    kill may have left a torn last line), and the config recorded."""
+    for name in ROW_FILES:
+        path = os.path.join(workdir, name)
+        dropped = jsonl.drop_rows_after(path, resume_step)
+        if dropped:
+            logging.info("%s: dropped %d row(s) after step %d, which this run logs again", path, dropped, resume_step)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def best_logged_val_loss(workdir: str, up_to_step: int) -> float:
+    """The best val/loss already logged by earlier runs of this workdir, up to the resume step."""
+    if not up_to_step:
+        return math.inf
+    values = [row[catalogue.VAL_LOSS] for row in jsonl.read(os.path.join(workdir, METRICS_FILE))
+              if row.get(catalogue.VAL_LOSS) is not None and row["step"] <= up_to_step]
+    return min(values, default=math.inf)
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
