@@ -136,7 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.health.expected_weight_difficulty_sign = "negative"
     config.health.weight_difficulty_margin = 0.1  # how far past 0 the wrong sign may go before firing
 
-    # Device mesh (tdlm_jax.sharding): (data, fsdp) sizes whose product is the job's device count;
+    # Device mesh (tdlm_jax.parallel.sharding): (data, fsdp) sizes whose product is the job's device count;
     # -1 takes the remaining devices. The batch splits over both axes; params and optimizer state
     # are sharded over fsdp (each matrix along its largest dimension fsdp divides) and replicated
     # over data. (-1, 1) is pure data parallelism; e.g. (-1, 8) shards the state 8 ways.

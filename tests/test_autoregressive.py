@@ -15,7 +15,7 @@ from tdlm_jax.model import autoregressive
 
 from tdlm_jax.training import loop
 from tdlm_jax.diffusion.loss import token_cross_entropy
-from tdlm_jax.metrics import jsonl
+from tdlm_jax.metrics import catalogue, health_rules, jsonl
 from tdlm_jax.model.transformer import Denoiser
 from common import MODEL, random_batch
 
@@ -67,6 +67,8 @@ def test_tiny_ar_run_logs_exact_nll_and_no_diffusion_metrics(tmp_path):
     summary = loop.train(config, str(tmp_path))
     rows = jsonl.read(tmp_path / "metrics.jsonl")
     names = set().union(*rows)
+    rules = [rule.name for rule in health_rules.default_rules()]
+    assert names - {"step"} == catalogue.scalar_names("ar", num_layers=config.model.num_layers, rules=rules)
     assert {"train/loss", "val/loss", "val/perplexity"} <= names
     assert not {n for n in names if n.startswith(("metrics/", "research/", "advanced/"))}
     assert "val/mask_accuracy" not in names

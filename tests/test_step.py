@@ -42,7 +42,7 @@ def test_four_device_step_shards_the_batch_and_replicates_the_state():
 
 
 def test_jitted_steps_keep_their_names_for_compile_counts():
-    """JAX reports compiles under the function's name; tdlm_jax.compilation counts 'train_step'."""
+    """JAX reports compiles under the function's name; tdlm_jax.training.compilation counts 'train_step'."""
     mesh, fn = train_fn(1)
     assert fn.__name__ == "train_step"
     static = dict(graphdef=model_parts()[0], process=make_process())

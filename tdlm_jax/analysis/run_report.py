@@ -71,13 +71,13 @@ _ORDER = (
 # The guide's healthy ranges, shaded and kept in view: where the values sit inside (or
 # how far outside) the range is what a reader needs, not their tiny step-to-step wiggle.
 BANDS = {
-    "research/gradient_norm_ratio_high_to_low": (0.2, 2.0),
-    "research/avg_loss_weight": (1.0, 3.0),
-    "advanced/hidden_state_norm": (1.0, 10.0),
+    catalogue.GRADIENT_RATIO: (0.2, 2.0),
+    catalogue.AVG_LOSS_WEIGHT: (1.0, 3.0),
+    catalogue.HIDDEN_STATE_NORM: (1.0, 10.0),
 }
 # Y ranges always shown. valid_ratio: a dip from 1.0 to 0.9999 filled the whole panel,
 # reading as a collapse; the verdict's threshold (0.9) is the scale that matters.
-Y_INCLUDE = {"metrics/valid_ratio": (0.9, 1.0)}
+Y_INCLUDE = {catalogue.VALID_RATIO: (0.9, 1.0)}
 
 # Line colours: tab10 without its red, which marks alerts and non-finite values.
 _RED = "#d62728"

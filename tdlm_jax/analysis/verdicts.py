@@ -15,10 +15,12 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 
+from tdlm_jax.metrics import catalogue as names
+from tdlm_jax.metrics.catalogue import BUCKETS, bucket_name
+
 HEALTHY = "healthy"
 WARNING = "warning"
 NO_DATA = "not enough data yet"
-BUCKETS = ("low", "medium", "high")
 
 Points = list[tuple[int, float]]
 History = Mapping[str, Sequence[tuple[int, float | None]]]
@@ -100,8 +102,8 @@ def _pct(x: float) -> str:
 
 
 def _latest_bucket_values(history: History, template: str) -> tuple[int, dict[str, float]] | None:
-    """The last step at which all three buckets have a value of `template.format(bucket)`."""
-    per_bucket = {b: dict(points(history, template.format(b))) for b in BUCKETS}
+    """The last step at which all three buckets have a value of the `{bucket}` template."""
+    per_bucket = {b: dict(points(history, bucket_name(template, b))) for b in BUCKETS}
     common = set.intersection(*(set(v) for v in per_bucket.values()))
     if not common:
         return None
@@ -112,7 +114,7 @@ def _latest_bucket_values(history: History, template: str) -> tuple[int, dict[st
 def check_bucket_accuracy_order(history: History, tolerance: float = 0.02) -> Check:
     """Accuracy should fall as corruption rises (low ≥ medium ≥ high), and never be 0."""
     name = "accuracy by corruption bucket"
-    latest = _latest_bucket_values(history, "research/{}_corruption_accuracy")
+    latest = _latest_bucket_values(history, names.BUCKET_ACCURACY)
     if latest is None:
         return Check(name, NO_DATA, "no research log with all three bucket accuracies yet")
     step, acc = latest
@@ -135,7 +137,7 @@ def check_bucket_accuracy_order(history: History, tolerance: float = 0.02) -> Ch
 def check_bucket_counts(history: History) -> Check:
     """Every bucket should receive sequences, or its accuracy is never measured."""
     name = "sequences per corruption bucket"
-    counts = {b: points(history, f"research/{b}_corruption_count") for b in BUCKETS}
+    counts = {b: points(history, bucket_name(names.BUCKET_COUNT, b)) for b in BUCKETS}
     if not any(counts.values()):
         return Check(name, NO_DATA, "no research logs yet")
     never = [b for b in BUCKETS if all(v == 0 for _, v in counts[b])]
@@ -148,7 +150,7 @@ def check_bucket_counts(history: History) -> Check:
 
 def check_valid_ratio(history: History, minimum: float = 0.9) -> Check:
     """metrics/valid_ratio should stay close to 1.0; low values mean masks land on padding."""
-    name = "metrics/valid_ratio"
+    name = names.VALID_RATIO
     pts = usable_points(history, name, 1)
     if isinstance(pts, Check):
         return pts
@@ -161,7 +163,7 @@ def check_valid_ratio(history: History, minimum: float = 0.9) -> Check:
 
 def check_masked_tokens_vary(history: History) -> Check:
     """metrics/total_masked_tokens should vary with the sampled t, not be constant."""
-    name = "metrics/total_masked_tokens"
+    name = names.TOTAL_MASKED_TOKENS
     pts = usable_points(history, name, 3)
     if isinstance(pts, Check):
         return pts
@@ -186,7 +188,7 @@ def forward_process_verdict(history: History) -> Verdict:
 # --- Reverse process (noise → data) -----------------------------------------------------
 
 
-def check_mask_accuracy_trend(history: History, name: str = "metrics/mask_accuracy",
+def check_mask_accuracy_trend(history: History, name: str = names.MASK_ACCURACY,
                               floor: float = 0.4, stall_per_100: float = 0.001) -> Check:
     """Mask accuracy should increase; stagnating below 40% is the guide's collapse sign.
 
@@ -210,7 +212,7 @@ def check_mask_accuracy_trend(history: History, name: str = "metrics/mask_accura
 
 def check_train_loss_trend(history: History, spike: float = 0.25) -> Check:
     """train/loss should decrease smoothly: lower at the end, no jump above `spike` (25%)."""
-    name = "train/loss"
+    name = names.TRAIN_LOSS
     pts = usable_points(history, name, 3)
     if isinstance(pts, Check):
         return pts
@@ -234,8 +236,8 @@ def check_val_tracks_train(history: History, loss_weighting: str = "elbo",
     With a weighting other than 'elbo', train/loss is not the bound that val/loss
     estimates, so the gap is not checked, only the rise.
     """
-    name = "val/loss vs train/loss"
-    val, train_pts = points(history, "val/loss"), points(history, "train/loss")
+    name = f"{names.VAL_LOSS} vs {names.TRAIN_LOSS}"
+    val, train_pts = points(history, names.VAL_LOSS), points(history, names.TRAIN_LOSS)
     train = {s: x for s, x in train_pts if math.isfinite(x)}  # a NaN is the loss check's finding
     if len(val) < 2:
         return Check(name, NO_DATA, f"{len(val)} of the 2 evaluations needed")
@@ -272,12 +274,12 @@ def check_gradient_balance(history: History, window: int = 3) -> Check:
     log's ratio can leave the range on a healthy run.
     """
     name = "gradient balance across buckets"
-    per_bucket = {b: dict(points(history, f"research/gradient_norm_{b}_corruption")) for b in BUCKETS}
+    per_bucket = {b: dict(points(history, bucket_name(names.BUCKET_GRADIENT_NORM, b))) for b in BUCKETS}
     steps = sorted(set.intersection(*(set(v) for v in per_bucket.values())))[-window:]
     if not steps:
         return Check(name, NO_DATA, "no research log with all three bucket gradient norms yet")
     norms = {b: statistics.median(per_bucket[b][s] for s in steps) for b in BUCKETS}
-    logged_ratios = dict(points(history, "research/gradient_norm_ratio_high_to_low"))
+    logged_ratios = dict(points(history, names.GRADIENT_RATIO))
     ratios = [logged_ratios[s] for s in steps if s in logged_ratios and logged_ratios[s] is not None]
     if ratios:
         ratio = statistics.median(ratios)

@@ -115,7 +115,7 @@ class TrainingData:
 
 def build_training_data(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_index: int = 0,
                         process_count: int = 1) -> TrainingData:
-    """The training iterator and validation batches exactly as `tdlm_jax.train` uses them."""
+    """The training iterator and validation batches exactly as `tdlm_jax.training.setup` uses them."""
     data = config.data
     token_cache = cache.open_or_build(data, tok)
     splits = training_windows(data, tok, token_cache)

@@ -17,7 +17,7 @@ from tdlm_jax.data import dataset
 
 def pipeline_tokens_per_second(config: ml_collections.ConfigDict, *, num_batches: int, workdir: str
                                ) -> dict[str, Any]:
-    """Builds the training data exactly as `tdlm_jax.train` does, then times `num_batches` batches.
+    """Builds the training data exactly as `tdlm_jax.training.setup` does, then times `num_batches` batches.
 
     The tokenizer comes from `dataset.build_tokenizer` (a `bpe:<n>` one is trained into, or
     reloaded from, `workdir`), the token cache is opened or built (`data.cache_dir`), and the

@@ -1,6 +1,6 @@
 """Tier-3 (advanced) metrics: statistics of the denoiser's final hidden states and of its
 attention distributions. Computed every `training.attention_analysis_steps` by a separate
-jitted forward pass (`tdlm_jax.step.analysis_step`), never inside the train step.
+jitted forward pass (`tdlm_jax.training.step.analysis_step`), never inside the train step.
 
 Padding is masked out everywhere: only valid positions count, as positions, as queries and
 as keys, so whatever the model computes at padding cannot move a metric. A metric with

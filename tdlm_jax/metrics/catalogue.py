@@ -27,6 +27,7 @@ TIER1, TIER2, TIER3, SUMMARY = "tier 1", "tier 2", "tier 3", "summary"
 INTERVALS = {TIER1: "training.logging_steps", TIER2: "training.detailed_metrics_steps",
              TIER3: "training.attention_analysis_steps"}
 EVAL_INTERVAL = "training.eval_every_n_steps"
+COUNT_UNITS = ("tokens", "sequences", "updates", "steps", "alerts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,11 @@ class Metric:
     @property
     def interval(self) -> str:
         return self.every or INTERVALS.get(self.tier, "")
+
+    @property
+    def is_count(self) -> bool:
+        """Whether values are whole numbers of something (shown as ints when they are whole)."""
+        return self.unit in COUNT_UNITS
 
     def expand(self, num_layers: int = 0, rules: Sequence[str] = (), num_samples: int = 0) -> list[str]:
         """The concrete names of this entry for a model of `num_layers` and these health rules."""

@@ -4,7 +4,7 @@ The train loop hands every row of scalars it writes to `HealthMonitor.observe`. 
 reads a few metrics and is evaluated only on rows that hold them, so a validation row
 never clears a training alert. A rule never fires on missing data (`None`): with nothing
 to judge, its state stays as it was. An alert is reported once when it starts and once
-when it clears: an absl warning, a text summary `alerts/<rule>` to the writer, and a row
+when it clears: an absl warning, a text summary `alerts/{rule}` to the writer, and a row
 of `alerts.jsonl`.
 
 The thresholds live in `tdlm_jax.metrics.health_thresholds`, the rules in
@@ -24,6 +24,7 @@ from tdlm_jax.metrics.health_rules import History, Rule
 from tdlm_jax.metrics.health_thresholds import HealthThresholds
 from tdlm_jax.metrics.writers import MetricWriter, as_scalar
 
+
 @dataclasses.dataclass(frozen=True)
 class Alert:
     """The start or the clearing of one rule's alert."""
@@ -34,10 +35,6 @@ class Alert:
     values: dict[str, float]
     message: str
     meaning: str
-
-    def to_json(self) -> str:
-        """One line of alerts.jsonl, in the encoding of metrics.jsonl (`tdlm_jax.metrics.jsonl`)."""
-        return jsonl.encode(dataclasses.asdict(self))
 
 
 def _present(scalars: Mapping[str, Any]) -> dict[str, float]:

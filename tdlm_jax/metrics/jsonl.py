@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 # The files of a run's workdir read and written through here (the rest: tdlm_jax.training.rundir).
@@ -69,21 +69,21 @@ def _parse(line: str) -> dict[str, Any] | None:
     return _decode_value(row)
 
 
+def _parsed_lines(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(line, its row or None if unreadable) for every non-blank line of `path`."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield line, _parse(line)
+
+
 def read_counted(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
     """(rows, number of unreadable lines); a missing file has no rows."""
     if not os.path.exists(path):
         return [], 0
-    rows, unreadable = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = _parse(line)
-            if row is None:
-                unreadable += 1
-            else:
-                rows.append(row)
-    return rows, unreadable
+    parsed = [row for _, row in _parsed_lines(path)]
+    rows = [row for row in parsed if row is not None]
+    return rows, len(parsed) - len(rows)
 
 
 def read(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -101,15 +101,11 @@ def drop_rows_after(path: str, step: int) -> int:
     if not os.path.exists(path):
         return 0
     kept, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = _parse(line)
-            if row is not None and row["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
+    for line, row in _parsed_lines(path):
+        if row is not None and row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+        else:
+            dropped += 1
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)

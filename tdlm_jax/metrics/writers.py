@@ -23,7 +23,7 @@ from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from tdlm_jax.metrics import jsonl
+from tdlm_jax.metrics import catalogue, jsonl
 from tdlm_jax.metrics.formatting import format_number
 
 Scalar = int | float | None
@@ -193,11 +193,19 @@ class JsonlWriter(MetricWriter):
         pass
 
 
+def _shown(name: str, value: Scalar) -> Scalar:
+    """A catalogued count (tokens, sequences, ...) that is whole, as an int: 10, not 10.0000."""
+    metric = catalogue.lookup(name)
+    if metric is not None and metric.is_count and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class ConsoleWriter(MetricWriter):
     """Logs one line per write through absl logging."""
 
     def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
-        parts = [f"{k}={format_number(as_scalar(v))}" for k, v in scalars.items()]
+        parts = [f"{k}={format_number(_shown(k, as_scalar(v)))}" for k, v in scalars.items()]
         logging.info(" | ".join([f"step {int(step)}", *parts]))
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tdlm_jax.errors import SweepError
+from tdlm_jax.metrics.catalogue import TOTAL_STEPS
 
 # The repo root: base configs are named relative to it, and subprocesses run there so that
 # `python -m tdlm_jax.main` imports this checkout whether or not the package is installed.
@@ -163,7 +164,7 @@ def is_finished(directory: str, num_steps: int) -> bool:
     """True if the point's run wrote its summary after exactly `num_steps` steps."""
     try:
         with open(os.path.join(directory, "summary.json"), encoding="utf-8") as f:
-            total = json.load(f).get("summary/total_steps")
+            total = json.load(f).get(TOTAL_STEPS)
     except (OSError, ValueError, AttributeError):
         return False
     return isinstance(total, (int, float)) and int(total) == num_steps

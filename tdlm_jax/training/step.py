@@ -164,7 +164,7 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
     gradient is accumulated over `grad_accum_steps` microbatches: the update equals the
     one-big-batch update, and the metrics are pooled over the global batch from per-row
     statistics. `objective` 'ar' trains the autoregressive baseline
-    (`tdlm_jax.autoregressive`); it has no corruption, so the diffusion metrics and the
+    (`tdlm_jax.model.autoregressive`); it has no corruption, so the diffusion metrics and the
     `detailed` variant do not apply to it.
     """
     if objective == "ar":
@@ -236,7 +236,7 @@ def _on_gathered_params(step_fn: Callable, mesh: Mesh, params_of: Callable, with
     """`step_fn` with its parameters all-gathered first under FSDP (`sharding.gather_params`).
 
     The wrapper keeps `step_fn`'s name, which is what JAX reports when it compiles it (the
-    compile counts of tdlm_jax.compilation are kept per name).
+    compile counts of tdlm_jax.training.compilation are kept per name).
     """
     def gathered(first: Any, *args: Any, **kwargs: Any) -> Any:
         return step_fn(with_params(first, sharding.gather_params(params_of(first), mesh)), *args, **kwargs)
