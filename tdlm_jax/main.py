@@ -134,12 +134,36 @@ def main(argv: list[str]) -> None:
         summary = loop.train(config, workdir)
     except TdlmError as e:
         _fail(str(e))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without a traceback
+        _interrupted(f"stopped at once; run the same command to resume from the last checkpoint in {workdir}")
     if "preempted_at_step" in summary:
         logging.warning("preempted at step %d; checkpoint saved in %s; run the same command to resume",
                         summary["preempted_at_step"], workdir)
-        return
-    logging.info("done: %s (workdir %s)", summary, workdir)
+    elif "interrupted_at_step" in summary:
+        _interrupted(f"interrupted at step {summary['interrupted_at_step']}; checkpoint saved in {workdir}; "
+                     "run the same command to resume", at_once=False)
+    elif "finished_at_step" not in summary:
+        logging.info("done: %s (workdir %s)", summary, workdir)
+
+
+def _interrupted(message: str, at_once: bool = True) -> None:
+    """Ctrl-C's one line and exit status 130 (128 + SIGINT), as a shell reports an interrupt.
+
+    At once (a second Ctrl-C), by os._exit: the interpreter's exit would wait for orbax's and
+    grain's background threads, which a second Ctrl-C means not to wait for.
+    """
+    print(f"Ctrl-C: {message}", file=sys.stderr, flush=True)
+    if at_once:
+        os._exit(130)
+    sys.exit(130)
+
+
+def _run() -> None:
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:  # before training started (imports, flag parsing, building the run)
+        _interrupted("stopped before training started")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    _run()

@@ -60,8 +60,7 @@ def test_recompile_check_warns_when_a_function_compiles_more_than_its_variants(c
 def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch):
     """The real loop, interrupted and resumed: its hot loop never syncs with the host (an
     implicit device-to-host transfer would raise), the train step compiles once per variant,
-    and the resumed run, restored from the checkpoint the interruption committed (step 8),
-    compiles nothing itself for steps 9-12, which run every program again."""
+    and the resumed run, restored from checkpoint 4, compiles nothing itself."""
     real_loop, real_evaluate = loop.run_loop, loop.evaluate
     evaluations = []
 
@@ -71,7 +70,7 @@ def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch)
         with jax.transfer_guard_device_to_host("disallow"):
             return real_loop(*args, **kwargs)
 
-    def interrupted_at_the_second_evaluation(*args, **kwargs):  # step 8, committed by the interruption
+    def interrupted_at_the_second_evaluation(*args, **kwargs):  # step 8: resumes from checkpoint 4
         evaluations.append(1)
         if len(evaluations) == 2:
             raise KeyboardInterrupt
@@ -80,7 +79,7 @@ def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch)
     monkeypatch.setattr(loop, "run_loop", guarded_loop)
     monkeypatch.setattr(loop, "evaluate", interrupted_at_the_second_evaluation)
     monkeypatch.setattr(compilation, "MIN_FREE_BYTES", 0)  # whatever this machine's free space
-    config, workdir = tiny_config(num_steps=12), str(tmp_path / "run")
+    config, workdir = tiny_config(num_steps=8), str(tmp_path / "run")
     counter = compilation.process_counter()
     jax.clear_caches()  # both runs start as a new process would, with nothing compiled in memory
     traces_before = counter.traces("train_step")
@@ -94,7 +93,7 @@ def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch)
     jax.clear_caches()
     with compilation.CompileCounter() as resumed:
         summary = loop.train(config, workdir)
-    assert summary["summary/total_steps"] == 12  # resumed from checkpoint 8 and finished
+    assert summary["summary/total_steps"] == 8  # resumed from checkpoint 4 and finished
     assert resumed.cache_writes == 0 and resumed.cache_hits == len(entries)
     assert compilation.cache_entries(os.path.join(workdir, "compilation_cache")) == entries
 

@@ -152,3 +152,23 @@ def test_golden_mask_accuracy_on_hand_built_batch():
     assert float(metrics["metrics/mask_accuracy"]) == pytest.approx(2 / 4)
     assert float(metrics["metrics/total_masked_tokens"]) == 4
     assert float(metrics["metrics/valid_ratio"]) == pytest.approx(4 / 5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_a_uniform_predictor_scores_log_v_at_every_batch_size(batch_size):
+    """With exact weights, a predictor uniform over V ids has NELBO E_t[w·(1 − α)]·log V = log V.
+    B = 1 and 2 cannot give each of the 3 buckets a row; a bucket left unsampled would bias
+    the estimate (0.4·log V at B = 1). The estimate over many batches must hit log V."""
+    process = make_process(batch_size)
+    log_v, length = np.log(256.0), 64
+    tokens = jnp.zeros((batch_size, length), jnp.int32)
+
+    def estimate(key):
+        batch = corrupt(process, key, tokens, jnp.ones_like(tokens, bool))
+        per_row = batch.weight_B * batch.unbias_B * batch.masked_BxL.sum(axis=1)
+        return per_row.sum() / (batch_size * length) * log_v
+
+    samples = np.asarray(jax.vmap(estimate)(jax.random.split(jax.random.key(3), 20000)))
+    stderr = samples.std() / np.sqrt(len(samples))
+    assert abs(samples.mean() - log_v) < 4 * stderr, (samples.mean(), stderr)
+    assert process.static_buckets == (batch_size >= 3)

@@ -9,7 +9,11 @@ Time sampling. Each sequence of the global batch gets its own t ∈ [t_min, 1].
   one uniform draw in each. Every row is reweighted by p_b·B / n_b (1 when p_b·B is an
   integer), so the estimate of E_t[·] under U[t_min, 1] stays exactly unbiased. Because
   bucket membership is then fixed by row index, the research step can take each bucket's
-  gradient on its own rows; see `tdlm_jax.metrics.research`.
+  gradient on its own rows; see `tdlm_jax.metrics.research`. A batch with fewer rows than
+  buckets of positive probability (B = 1 or 2) cannot give each bucket a row, and a bucket
+  without rows would never be sampled (a biased loss), so such a batch is stratified over
+  the whole of [t_min, 1] instead (B equal strata, unbias 1) and its buckets are taken from
+  the masking rate, as under 'iid'.
 
 Masking. Every position draws a mask with probability 1 − α(t) (LLaDA's variable
 masking); only valid (non-padding) positions are replaced by [MASK] and scored. Drawing at
@@ -94,14 +98,20 @@ class ForwardProcess:
 
     @property
     def static_buckets(self) -> bool:
-        """Whether bucket membership is fixed by row index (see the module docstring)."""
-        return self.time_sampling == "stratified"
+        """Whether bucket membership is fixed by row index (see the module docstring): the
+        bucket-aligned strata need a row in every bucket of positive probability."""
+        plan = self.plan
+        return self.time_sampling == "stratified" and all(
+            n > 0 for n, (lo, hi) in zip(plan.counts, plan.t_bounds) if hi > lo)
 
     def sample_times(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns per-sequence times t_B and their unbiasing factors, both float32[B]."""
         u_B = jax.random.uniform(rng, (self.batch_size,), jnp.float32)
         if self.time_sampling == "iid":
             return self.t_min + (1.0 - self.t_min) * u_B, jnp.ones_like(u_B)
+        if not self.static_buckets:  # too few rows for the buckets: B strata over the whole interval
+            strata_B = (jnp.arange(self.batch_size, dtype=jnp.float32) + u_B) / self.batch_size
+            return self.t_min + (1.0 - self.t_min) * strata_B, jnp.ones_like(u_B)
         lo, width, index, count, unbias = [], [], [], [], []
         for (start, stop), (t_lo, t_hi), factor in zip(self.plan.rows, self.plan.t_bounds, self.plan.unbias):
             n = stop - start

@@ -45,6 +45,7 @@ from tdlm_jax.data import dataset
 from tdlm_jax.diffusion.corruption import ForwardProcess, corrupt_at_times
 from tdlm_jax.diffusion.loss import correct_predictions, weighted_token_losses
 from tdlm_jax.errors import ConfigError, DataError
+from tdlm_jax.metrics.aggregation import perplexity
 
 if TYPE_CHECKING:
     from tdlm_jax.inference.trained import TrainedModel
@@ -175,7 +176,7 @@ def summarize(stats: dict[str, np.ndarray], tokens_N: np.ndarray, bucket_edges: 
         "eval/nelbo": nelbo,
         "eval/nelbo_stderr": stderr,
         "eval/bits_per_token": nelbo / math.log(2),
-        "eval/perplexity_bound": math.exp(nelbo),
+        "eval/perplexity_bound": perplexity(nelbo),
         "eval/mask_accuracy": float(stats["correct"].sum() / masked) if masked else None,
         "eval/num_sequences": n,
         "eval/num_tokens": int(tokens_N.sum()),

@@ -45,6 +45,14 @@ def interval_means(interval_host: Mapping[str, tuple[float, float]]) -> dict[str
             for name, (total, count) in interval_host.items()}
 
 
+def perplexity(nats_per_token: float) -> float:
+    """exp of a loss in nats, inf where it overflows (above 709.78 nats): never an OverflowError."""
+    try:
+        return math.exp(nats_per_token)
+    except OverflowError:
+        return math.inf
+
+
 def to_host_scalars(values: Mapping[str, jax.Array | np.ndarray | float]) -> dict[str, float | None]:
     """Fetched device scalars as Python floats, with undefined ratios as None (missing)."""
     out = {}

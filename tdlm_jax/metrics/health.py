@@ -51,7 +51,8 @@ class HealthMonitor:
     """Evaluates the health rules on every logged row; reports alert starts and clears.
 
     Pass `alerts_path=None` (e.g. on non-primary processes) to write no alerts file. The
-    monitor is not checkpointed: after a resume an alert still active is reported again.
+    monitor's state (history, active alerts, counts) is checkpointed with the run
+    (`state_dict`), so a resumed run raises exactly the alerts an uninterrupted one does.
     """
 
     def __init__(self, thresholds: HealthThresholds, writer: MetricWriter | None,
@@ -96,6 +97,14 @@ class HealthMonitor:
     def active(self) -> list[str]:
         """The rules whose alert is active now, sorted."""
         return sorted(self._active)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self._history.state_dict(), "active": sorted(self._active), "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._history.load_state_dict(state["history"])
+        self._active = set(state["active"]) & set(self._counts)
+        self._counts.update({name: int(n) for name, n in state["counts"].items() if name in self._counts})
 
     def summary_scalars(self) -> dict[str, int]:
         """For summary.json: `alerts/total` and `alerts/starts/<rule>`.

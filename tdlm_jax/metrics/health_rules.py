@@ -44,6 +44,14 @@ class History:
         self._maxlen = max(int(maxlen), 2)  # 2: a cumulative counter is compared with its previous value
         self._series: dict[str, collections.deque[Point]] = {}
 
+    def state_dict(self) -> dict[str, list[list[float]]]:
+        """The kept points, {name: [[step, value], ...]}: what a checkpoint stores of the history."""
+        return {name: [list(point) for point in series] for name, series in self._series.items()}
+
+    def load_state_dict(self, state: Mapping[str, list[list[float]]]) -> None:
+        self._series = {name: collections.deque(((int(s), float(v)) for s, v in points), maxlen=self._maxlen)
+                        for name, points in state.items()}
+
     def record(self, step: int, row: Mapping[str, float]) -> dict[str, float]:
         """Appends a row's (present) values and its derived ones; returns the row with both."""
         for name, value in row.items():

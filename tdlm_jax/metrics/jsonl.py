@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 # The files of a run's workdir read and written through here (the rest: tdlm_jax.training.rundir).
@@ -29,25 +29,31 @@ CONFIG_FILE, SUMMARY_FILE = "config.json", "summary.json"
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-def _encode_value(value: Any) -> Any:
+def to_json_tree(value: Any) -> Any:
+    """`value` (nested dicts and lists) with its non-finite floats as strings: strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, Mapping):
-        return {k: _encode_value(v) for k, v in value.items()}
+        return {k: to_json_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_tree(v) for v in value]
     return value
 
 
-def _decode_value(value: Any) -> Any:
+def from_json_tree(value: Any) -> Any:
+    """The inverse of `to_json_tree`."""
     if isinstance(value, str):
         return _NON_FINITE.get(value, value)
     if isinstance(value, dict):
-        return {k: _decode_value(v) for k, v in value.items()}
+        return {k: from_json_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json_tree(v) for v in value]
     return value
 
 
 def encode(row: Mapping[str, Any]) -> str:
     """One strict-JSON line (no newline) of a row."""
-    return json.dumps(_encode_value(row), allow_nan=False)
+    return json.dumps(to_json_tree(row), allow_nan=False)
 
 
 def append(path: str, row: Mapping[str, Any]) -> None:
@@ -66,7 +72,7 @@ def _parse(line: str) -> dict[str, Any] | None:
         return None
     if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
         return None
-    return _decode_value(row)
+    return from_json_tree(row)
 
 
 def _parsed_lines(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any] | None]]:
@@ -91,8 +97,8 @@ def read(path: str | os.PathLike) -> list[dict[str, Any]]:
     return read_counted(path)[0]
 
 
-def drop_rows_after(path: str, step: int) -> int:
-    """Rewrites `path` without its rows past `step` and without unreadable lines.
+def drop_rows_after(path: str, step: int, also: Callable[[dict[str, Any]], bool] | None = None) -> int:
+    """Rewrites `path` without its rows past `step`, the rows `also` picks, and unreadable lines.
 
     A run resumed from the checkpoint at `step` logs the later steps again; without this they
     would appear twice. The rewrite is atomic (a temporary file, then a rename). Returns the
@@ -102,7 +108,7 @@ def drop_rows_after(path: str, step: int) -> int:
         return 0
     kept, dropped = [], 0
     for line, row in _parsed_lines(path):
-        if row is not None and row["step"] <= step:
+        if row is not None and row["step"] <= step and not (also and also(row)):
             kept.append(line if line.endswith("\n") else line + "\n")
         else:
             dropped += 1

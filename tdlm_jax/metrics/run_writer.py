@@ -21,7 +21,6 @@ def create_default_writer(
     wandb_project: str = "",
     wandb_entity: str = "",
     config: Mapping[str, Any] | None = None,
-    resume_step: int = 0,
 ) -> writers.MetricWriter:
     """TensorBoard at `workdir` + `workdir/metrics.jsonl` + console on process 0.
 
@@ -32,8 +31,8 @@ def create_default_writer(
     wandb files and the persisted run id under `workdir`) whose run config is `config`.
     `wandb_entity` "" uses wandb's default entity. wandb itself is imported only then.
 
-    `resume_step` > 0 (a run restored from that checkpoint) purges the later steps from
-    TensorBoard's view; the workdir's row files are cut back by `training.rundir`.
+    A resumed run's files (rows and TensorBoard events) are cut back to its checkpoint by
+    `tdlm_jax.training.rundir` before this opens them.
     """
     if is_primary is None:
         is_primary = jax.process_index() == 0
@@ -51,7 +50,7 @@ def create_default_writer(
             directory=workdir,
         ))
     return writers.MultiWriter([
-        writers.TensorBoardWriter(workdir, purge_step=resume_step + 1 if resume_step else None),
+        writers.TensorBoardWriter(workdir),
         writers.JsonlWriter(os.path.join(workdir, METRICS_FILE)),
         writers.ConsoleWriter(),
         *wandb_writers,

@@ -14,14 +14,16 @@ import abc
 import glob
 import os
 import struct
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
-from tensorboardX import SummaryWriter
+from tensorboardX import summary as tb_summary
+from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
-from tensorboardX.record_writer import masked_crc32c
+from tensorboardX.record_writer import RecordWriter, masked_crc32c
 
 from tdlm_jax.metrics import catalogue, jsonl
 from tdlm_jax.metrics.formatting import format_number
@@ -90,35 +92,43 @@ def flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, A
 
 
 class TensorBoardWriter(MetricWriter):
-    """Writes TensorBoard event files in `logdir` through tensorboardX."""
+    """Writes a TensorBoard event file in `logdir`, with tensorboardX's summary protos.
 
-    def __init__(self, logdir: str, purge_step: int | None = None) -> None:
-        # purge_step: TensorBoard hides events from earlier runs at steps >= it, so a run
-        # resumed from a checkpoint does not show the dead run's steps twice.
-        self._writer = SummaryWriter(logdir=logdir, purge_step=purge_step)
+    Events are written synchronously, not through tensorboardX's `SummaryWriter`, whose
+    background thread holds queued events that a kill loses: here `flush` makes every event
+    written so far durable, which a checkpoint's commit relies on. Writes happen on logging
+    steps only, so this costs nothing measurable.
+    """
+
+    def __init__(self, logdir: str) -> None:
+        os.makedirs(logdir, exist_ok=True)
+        self._events = EventsWriter(os.path.join(logdir, "events"))
+
+    def _write(self, step: int, summary: Any) -> None:
+        self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
         for key, value in scalars.items():
             value = as_scalar(value)
             if value is not None:  # a missing value must not become a point on a curve
-                self._writer.add_scalar(key, float(value), global_step=int(step))
+                self._write(step, tb_summary.scalar(key, float(value)))
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         for key, text in texts.items():
-            self._writer.add_text(key, text, global_step=int(step))
+            self._write(step, tb_summary.text(key, text))
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         # add_hparams writes into a new timestamped sub-directory and only accepts flat
         # str/bool/number values, so a markdown table in a text summary is more robust.
         rows = [f"| `{k}` | `{v!r}` |" for k, v in flatten_hparams(hparams).items()]
         table = "\n".join(["| name | value |", "| --- | --- |", *rows])
-        self._writer.add_text("hparams", table, global_step=0)
+        self._write(0, tb_summary.text(catalogue.HPARAMS_TEXT, table))
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._events.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._events.close()
 
 
 def _read_records(path: str) -> Iterator[bytes]:
@@ -144,6 +154,34 @@ def _read_records(path: str) -> Iterator[bytes]:
             yield data
 
 
+def _event_files(logdir: str) -> list[str]:
+    return sorted(p for p in glob.glob(os.path.join(logdir, "events.out.tfevents.*")) if not p.endswith(".tmp"))
+
+
+def drop_events_after(logdir: str, step: int) -> int:
+    """Rewrites the event files directly in `logdir` without their events past `step` (and
+    deletes those left with none): what a run resumed from the checkpoint at `step` logs again.
+    Each file is rewritten through a temporary file and a rename. Returns the events dropped."""
+    dropped = 0
+    for path in _event_files(logdir):
+        events = [event_pb2.Event.FromString(record) for record in _read_records(path)]
+        # Summaries at step 0 (the hparams text) go too: every start writes them again.
+        kept = [e for e in events if not e.HasField("summary") or 0 < e.step <= step]
+        dropped += len(events) - len(kept)
+        if len(kept) == len(events):
+            continue
+        if all(not e.HasField("summary") for e in kept):  # nothing but the file's own header
+            os.remove(path)
+            continue
+        tmp = path + ".tmp"
+        writer = RecordWriter(tmp)
+        for event in kept:
+            writer.write(event.SerializeToString())
+        writer.close()
+        os.replace(tmp, path)
+    return dropped
+
+
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     """Reads the scalars of all event files directly in `logdir`: {tag: [(step, value)]}.
 
@@ -152,7 +190,7 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     TensorBoard stores them.
     """
     scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    for path in _event_files(logdir):
         for record in _read_records(path):
             event = event_pb2.Event.FromString(record)
             for value in event.summary.value:

@@ -6,7 +6,9 @@ contained here. A checkpoint at `<directory>/<step>` holds two items:
   * `state`: an arbitrary pytree of jax arrays (params, optimizer state, step counter,
     raw uint32 RNG key data), written with orbax's StandardSave;
   * `data` (optional): the position of a grain `DatasetIterator`, written by grain's own
-    orbax handler as one small JSON file per process.
+    orbax handler as one small JSON file per process;
+  * `log` (optional): a JSON tree, the training loop's metric log (open interval, health
+    monitor); checkpoints written before it existed restore without it.
 
 Saves are asynchronous: `save` returns once the arrays are copied off the device and the
 iterator position is written; the array files are written in a background thread.
@@ -23,10 +25,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from tdlm_jax.errors import CheckpointError
+from tdlm_jax.metrics import jsonl
 
 # Item names inside a step directory; changing them breaks existing checkpoints.
 _STATE = "state"
 _DATA = "data"
+_LOG = "log"
 _MAX_REASON_CHARS = 200
 
 
@@ -146,8 +150,9 @@ class Checkpointer:
         self._manager.reload()
         return target
 
-    def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
-        """Starts saving `state` (and the iterator position) as the checkpoint of `step`.
+    def save(self, step: int, state: Any, data_iterator: Any = None, log_state: dict | None = None) -> None:
+        """Starts saving `state` (and the iterator position, and the loop's `log_state`) as the
+        checkpoint of `step`.
 
         The caller decides when to save: orbax's own save-interval policy is bypassed.
         Saving a step that already has a checkpoint does nothing (e.g. the final save of
@@ -161,6 +166,8 @@ class Checkpointer:
         items = {_STATE: ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if log_state is not None:
+            items[_LOG] = ocp.args.JsonSave(jsonl.to_json_tree(log_state))
         try:
             # force=True: without it orbax silently skips saves that its default policy
             # dislikes, e.g. a step below the latest one after a rollback.
@@ -195,8 +202,17 @@ class Checkpointer:
         items = {_STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self._restore_items(step, items)[_STATE]
+
+    def restore_log(self, step: int) -> dict | None:
+        """The `log_state` saved with checkpoint `step`, or None if it has none."""
+        if not os.path.isdir(os.path.join(self.step_directory(step), _LOG)):
+            return None
+        return jsonl.from_json_tree(self._restore_items(int(step), {_LOG: ocp.args.JsonRestore()})[_LOG])
+
+    def _restore_items(self, step: int, items: dict[str, Any]) -> Any:
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             _silence_abandoned_io()
             raise CheckpointError(
@@ -204,7 +220,6 @@ class Checkpointer:
                 f"({_short_reason(e)}): delete that step directory to fall back to an "
                 "earlier one, or use a new --workdir"
             ) from e
-        return restored[_STATE]
 
     def wait_until_finished(self) -> None:
         """Blocks until every started save is on disk (and old steps are deleted)."""

@@ -31,13 +31,14 @@ from tdlm_jax.inference import generation
 from tdlm_jax.inference.trained import TrainedModel
 from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics import health, run_writer
+from tdlm_jax.metrics.aggregation import perplexity
 from tdlm_jax.metrics.health_thresholds import thresholds_from_config
 from tdlm_jax.metrics.writers import MetricWriter
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import compilation, rundir, setup
 from tdlm_jax.training import step as step_lib
 from tdlm_jax.training.metric_log import MetricLog
-from tdlm_jax.training.preemption import Preemption
+from tdlm_jax.training.preemption import CTRL_C, Preemption
 
 
 @dataclasses.dataclass
@@ -55,12 +56,14 @@ class RunState:
 
 
 def commit(run: setup.Run, state: RunState) -> None:
-    """Writes the pending rows, then starts the checkpoint of the state's step (with its data position)."""
+    """Writes the pending rows, then starts the checkpoint of the state's step: the train state,
+    its data position and the metric log (the open interval, the health monitor)."""
     state.log.flush()
+    state.log.writer.flush()  # every row up to this step durable before its checkpoint
     iterator = run.data.train_iterator
     if iterator.get_state() != state.data_position:  # stopped between reading a batch and its step
         iterator.set_state(state.data_position)
-    run.checkpointer.save(state.step, state.train_state, iterator)
+    run.checkpointer.save(state.step, state.train_state, iterator, log_state=state.log.state_dict())
 
 
 def evaluate(eval_fn: Callable, params: Any, batches: list[dict], rng: jax.Array) -> dict[str, float | None]:
@@ -72,7 +75,7 @@ def evaluate(eval_fn: Callable, params: Any, batches: list[dict], rng: jax.Array
     sums = [eval_fn(params, b["tokens"], b["valid"], jax.random.fold_in(rng, i)) for i, b in enumerate(batches)]
     total = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in sums[0]}
     loss = total["nelbo_sum"] / max(total["valid_tokens"], 1.0)
-    row = {names.VAL_LOSS: loss, names.VAL_PERPLEXITY: math.exp(loss), names.VAL_BITS_PER_TOKEN: loss / math.log(2)}
+    row = {names.VAL_LOSS: loss, names.VAL_PERPLEXITY: perplexity(loss), names.VAL_BITS_PER_TOKEN: loss / math.log(2)}
     if total["masked_tokens"]:  # the autoregressive baseline masks nothing
         row[names.VAL_MASK_ACCURACY] = total["correct_tokens"] / total["masked_tokens"]
     return row
@@ -140,52 +143,73 @@ def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState,
             commit(run, state)
             log.exclude(time.perf_counter() - tic)
         if preempted:
-            logging.warning("SIGTERM: saved a checkpoint at step %d; run the same command to resume", step)
+            logging.warning("%s: saved a checkpoint at step %d; run the same command to resume", preemption.reason, step)
             break
     log.flush()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | None]:
-    """Trains (or resumes) the run in `workdir` and returns its summary."""
+    """Trains (or resumes) the run in `workdir` and returns its summary, or where it stopped:
+    {"preempted_at_step": N} after a SIGTERM, {"interrupted_at_step": N} after a Ctrl-C, and
+    {"finished_at_step": N} for a run that had already finished, which is left untouched."""
     wall_start = time.time()
     rundir.ensure_writable(workdir)
-    rundir.check_config_change(config, workdir)
-    # Compiled steps are kept on disk, so a resumed run loads them instead of recompiling.
-    compilation.enable_persistent_cache(compilation.cache_dir(config, workdir))
-    run = setup.build_run(config, workdir)
+    with rundir.locked(workdir):  # one writer per workdir, held until the run's files are closed
+        write_config = rundir.check_config_change(config, workdir)
+        # Compiled steps are kept on disk, so a resumed run loads them instead of recompiling.
+        compilation.enable_persistent_cache(compilation.cache_dir(config, workdir))
+        run = setup.build_run(config, workdir)
+        try:
+            finished = rundir.is_finished(workdir, run.start_step, config.training.num_steps)
+        except BaseException:
+            run.close()
+            raise
+        if finished:
+            run.close()
+            return {"finished_at_step": run.start_step}
+        return _train(config, workdir, run, write_config, wall_start)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, write_config: bool,
+           wall_start: float) -> dict[str, float | None]:
     primary = jax.process_index() == 0
     if primary:
-        rundir.start(workdir, config, run.start_step)
+        rundir.start(workdir, config, run.start_step, write_config)
     writer = run_writer.create_default_writer(workdir, wandb_project=config.logging.wandb_project,
-                                              wandb_entity=config.logging.wandb_entity, config=config.to_dict(),
-                                              resume_step=run.start_step)
+                                              wandb_entity=config.logging.wandb_entity, config=config.to_dict())
     writer.write_hparams(config.to_dict())
     monitor = health.HealthMonitor(thresholds_from_config(config.health), writer,
                                    os.path.join(workdir, rundir.ALERTS_FILE) if primary else None)
     interval_names = names.TIER1_STEP_NAMES if run.is_diffusion else names.TRAIN_STEP_NAMES
     log = MetricLog(writer, monitor, interval_names, config.training.batch_size * config.data.seq_len,
                     run.start_step, rundir.best_logged_val_loss(workdir, run.start_step))
+    if run.log_state is not None:
+        log.load_state_dict(run.log_state)
     state = RunState(run.initial_state, run.start_step, run.data.train_iterator.get_state(), log)
     try:
         with Preemption() as preemption:
             run_loop(config, run, state, preemption)
-    except KeyboardInterrupt:
-        _save_on_interrupt(run, state)
-        raise
     except OSError as e:  # a full disk or a vanished workdir while writing metrics
         _close_quietly(writer)
         raise CheckpointError(f"could not write to {workdir} ({e.strerror or e}): free disk space or "
                               "fix permissions, then run the same command to resume from the last "
                               "checkpoint") from e
-    except BaseException:
+    except jax.errors.JaxRuntimeError as e:
+        _close_quietly(writer)
+        if "RESOURCE_EXHAUSTED" in str(e):
+            raise TrainingError(f"out of memory on {jax.devices()[0].device_kind} at step {state.step + 1} "
+                                f"({str(e).strip().splitlines()[0][:160]}): lower training.batch_size, raise "
+                                "training.grad_accum_steps, or set model.remat=true") from e
+        raise
+    except BaseException:  # KeyboardInterrupt (a second Ctrl-C) included: stop without saving
         _close_quietly(writer)  # flush what can be flushed; the error that stopped training wins
         raise
     finally:
-        run.checkpointer.close()
-        run.data.train_iterator.close()  # stops grain's worker processes, if any
+        run.close()  # waits for a save in flight; stops grain's worker processes
     if preemption.requested:
         writer.close()
-        return {"preempted_at_step": state.step}
+        key = "interrupted_at_step" if preemption.reason == CTRL_C else "preempted_at_step"
+        return {key: state.step}
     summary = {
         names.TRAINING_TIME_HOURS: (time.time() - wall_start) / 3600.0,
         names.TOTAL_STEPS: float(state.step),
@@ -216,13 +240,3 @@ def _close_quietly(writer: MetricWriter) -> None:
         writer.close()
     except Exception as e:  # e.g. the full disk that is already being reported
         logging.warning("could not close the metric writers: %s", e)
-
-
-def _save_on_interrupt(run: setup.Run, state: RunState) -> None:
-    """Ctrl-C: commit the work since the last checkpoint, if the last completed state is intact."""
-    if state.train_state.step.is_deleted():  # interrupted inside a step, after its input was donated
-        logging.warning("interrupted during a step; resume from checkpoint %s", run.checkpointer.latest_step())
-        return
-    if state.step > (run.checkpointer.latest_step() or 0):
-        commit(run, state)
-    logging.warning("interrupted at step %d; checkpoint saved, run the same command to resume", state.step)

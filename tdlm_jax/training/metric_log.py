@@ -79,6 +79,25 @@ class MetricLog:
     def exclude(self, seconds: float) -> None:
         self.excluded_seconds += seconds
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the log (call after `flush`): the open interval's sums, the
+        running figures and the health monitor's state, so a resumed run logs what an
+        uninterrupted one does. Fetching the interval syncs with the device: commits are rare."""
+        interval = {name: [float(total), float(count)] for name, (total, count) in jax.device_get(self.interval).items()}
+        return {"interval": interval, "last_train_loss": self.last_train_loss,
+                "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+                "consecutive_skips": self.consecutive_skips, "monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["interval"]
+        if set(saved) == set(self.interval_names):  # else a changed objective: start a fresh interval
+            self.interval = {name: tuple(jnp.asarray(x, jnp.float32) for x in saved[name]) for name in self.interval_names}
+        self.last_train_loss = state["last_train_loss"]
+        best = state["best_val_loss"]
+        self.best_val_loss = math.inf if best is None else best
+        self.consecutive_skips = int(state["consecutive_skips"])
+        self.monitor.load_state_dict(state["monitor"])
+
     def _throughput(self, step: int) -> float | None:
         now = time.perf_counter()
         seconds = now - self.last_time - self.excluded_seconds

@@ -14,9 +14,13 @@ to the checkpoint a run resumes from.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import socket
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -26,7 +30,7 @@ from tdlm_jax.data.dataset import TOKENIZER_INFO
 from tdlm_jax.errors import CheckpointError, ConfigError
 from tdlm_jax.metrics import catalogue, jsonl
 from tdlm_jax.metrics.jsonl import ALERTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
-from tdlm_jax.metrics.writers import flatten_hparams
+from tdlm_jax.metrics.writers import drop_events_after, flatten_hparams
 from tdlm_jax.training.compilation import CACHE_SUBDIR
 from tdlm_jax.training.setup import CHECKPOINTS
 
@@ -35,11 +39,13 @@ from tdlm_jax.training.setup import CHECKPOINTS
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, TOKENIZER_INFO, CACHE_SUBDIR)
 # The row files a resume cuts back to its checkpoint.
 ROW_FILES = (METRICS_FILE, ALERTS_FILE)
+LOCK_FILE = ".lock"  # hidden: every host's start-up checks see it as no "other file"
 
-# Keys a resumed run may not change: they define the parameters' shapes or what the data
-# iterator's saved position means. Everything else (steps, frequencies, learning rate,
+# Keys a resumed run may not change: they define the parameters' shapes, what the data
+# iterator's saved position means, or what the loss and the research metrics mean (the
+# forward process, the buckets). Everything else (steps, frequencies, learning rate,
 # evaluation, logging) may change, and the changes are logged.
-STRUCTURAL_KEYS = ("model.", "data.", "training.batch_size", "seed")
+STRUCTURAL_KEYS = ("model.", "data.", "diffusion.", "metrics.bucket_edges", "training.batch_size", "seed")
 # Keys under those prefixes that change how the run computes or reads, not what it computes:
 # evaluation size, input workers and cache location, attention kernel, rematerialization.
 CHANGEABLE_KEYS = ("data.eval_batch_size", "data.num_eval_batches", "data.worker_count",
@@ -67,41 +73,105 @@ def ensure_writable(workdir: str) -> None:
                               "permissions, or pass another --workdir")
 
 
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+    """Holds the workdir's exclusive lock while the block runs: one writer per run.
+
+    An advisory `flock` on <workdir>/.lock, which records the holder's pid and host. The
+    kernel releases it when the holder dies, however it dies, so a stale lock is simply taken
+    over (with a warning naming the dead holder). A multi-host job is one run: only process 0
+    takes the lock, the other hosts write no run files.
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CheckpointError(f"workdir {workdir} is in use by {_holder(fd) or 'another process'}: wait for it "
+                                  "to finish or stop it, or pass another --workdir") from None
+        previous = _holder(fd)
+        if previous:
+            logging.warning("took over the lock of %s, which is no longer running", previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # a clean exit leaves no holder to report
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    """'process <pid> on <host>' as the lock file records it, or '' if it records none."""
+    fields = os.pread(fd, 256, 0).decode(errors="replace").split()
+    return f"process {fields[0]} on {fields[1]}" if len(fields) == 2 else ""
+
+
 def has_checkpoint(workdir: str) -> bool:
     checkpoints = os.path.join(workdir, CHECKPOINTS)
     return os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
 
 
-def check_config_change(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Compares the config with the one the workdir's run saved; refuses structural changes."""
+def check_config_change(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Compares the config with the one the workdir's run saved and refuses structural changes;
+    returns whether config.json needs writing (a new run, or an accepted change)."""
     saved_config = jsonl.read_json(os.path.join(workdir, CONFIG_FILE))
     if saved_config is None or not has_checkpoint(workdir):
-        return  # nothing to resume, so nothing to contradict
+        return True  # nothing to resume, so nothing to contradict
     saved = flatten_hparams(saved_config)
     current = flatten_hparams(json.loads(config.to_json_best_effort()))
     changed = {k: (saved.get(k), current.get(k)) for k in sorted(saved.keys() | current.keys())
                if saved.get(k) != current.get(k)}
     if not changed:
-        return
+        return False
     described = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
     structural = [k for k in changed if k.startswith(STRUCTURAL_KEYS) and k not in CHANGEABLE_KEYS]
     if structural and not config.training.get("allow_config_change", False):
         raise ConfigError(f"config error: resuming {workdir} with a different {', '.join(structural)} "
                           f"({described}): use a new --workdir, or --config.training.allow_config_change=true")
     logging.warning("resuming %s with a changed config: %s", workdir, described)
+    return True
 
 
-def start(workdir: str, config: ml_collections.ConfigDict, resume_step: int) -> None:
-    """Process 0's bookkeeping before the first step: the row files cut back to `resume_step`
-    (the later rows would be logged twice: the resumed run logs those steps again, and a
-    kill may have left a torn last line), and the config recorded."""
+def is_finished(workdir: str, restored_step: int, num_steps: int) -> bool:
+    """Whether the run restored at `restored_step` already finished its `num_steps`: then it is
+    left untouched, with one line saying so. Fewer steps than it has trained are refused."""
+    if restored_step > num_steps:
+        raise ConfigError(f"config error: training.num_steps={num_steps} is below step {restored_step}, which "
+                          f"{workdir} has already trained to: raise it, or use a new --workdir")
+    summary = jsonl.read_json(os.path.join(workdir, SUMMARY_FILE)) or {}
+    if restored_step == num_steps and summary.get(catalogue.TOTAL_STEPS) == num_steps:
+        logging.warning("run finished at step %d of %d; raise training.num_steps to continue, or use a new "
+                        "--workdir", restored_step, num_steps)
+        return True
+    return False
+
+
+def _is_summary_row(row: dict) -> bool:
+    return all(catalogue.tier_of(name) == catalogue.SUMMARY for name in row if name != "step")
+
+
+def start(workdir: str, config: ml_collections.ConfigDict, resume_step: int, write_config: bool) -> None:
+    """Process 0's bookkeeping before the first step: every file of the run cut back to
+    `resume_step` (the later rows and TensorBoard events would appear twice: the resumed run
+    logs those steps again, and a kill may have left a torn last line; an earlier summary
+    belongs to a shorter run this one continues), and the config recorded if `write_config`."""
     for name in ROW_FILES:
         path = os.path.join(workdir, name)
-        dropped = jsonl.drop_rows_after(path, resume_step)
+        dropped = jsonl.drop_rows_after(path, resume_step, also=_is_summary_row)
         if dropped:
             logging.info("%s: dropped %d row(s) after step %d, which this run logs again", path, dropped, resume_step)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    drop_events_after(workdir, resume_step)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(workdir, SUMMARY_FILE))
+    if write_config:
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def best_logged_val_loss(workdir: str, up_to_step: int) -> float:

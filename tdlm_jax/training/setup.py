@@ -51,7 +51,15 @@ class Run:
     eval_rng: jax.Array
     checkpointer: checkpoint.Checkpointer
     start_step: int
+    log_state: dict | None  # the metric log saved with the restored checkpoint (None: fresh, or older)
     is_diffusion: bool  # False for the autoregressive baseline: no tier-2/3 metrics
+
+    def close(self) -> None:
+        """Waits for a checkpoint save in flight, and stops grain's worker processes, if any."""
+        try:
+            self.checkpointer.close()
+        finally:
+            self.data.train_iterator.close()
 
 
 def build_data(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, mesh) -> Data:
@@ -114,7 +122,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     process, objective = static["process"], static["objective"]
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS),
                                            max_to_keep=config.training.max_checkpoints_to_keep)
-    start_step, state = restore_latest_usable(checkpointer, state, data.train_iterator)
+    start_step, state, log_state = restore_latest_usable(checkpointer, state, data.train_iterator)
     return Run(
         mesh=mesh, tokenizer=tok, graphdef=graphdef, data=data, initial_state=state,
         train_fn=step_lib.jit_train_step(mesh, sharding.state_shardings(mesh, state), **static),
@@ -122,7 +130,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
                                        process=process.for_evaluation(config.data.eval_batch_size)),
         analysis_fn=step_lib.jit_analysis_step(mesh, graphdef=graphdef, process=process),
         eval_rng=jax.random.fold_in(jax.random.key(config.seed), 0x5EED),
-        checkpointer=checkpointer, start_step=start_step, is_diffusion=objective == "diffusion")
+        checkpointer=checkpointer, start_step=start_step, log_state=log_state, is_diffusion=objective == "diffusion")
 
 
 def abstract_like(state: Any, sharding_of: Callable[[Any], Any]) -> Any:
@@ -131,8 +139,9 @@ def abstract_like(state: Any, sharding_of: Callable[[Any], Any]) -> Any:
 
 
 def restore_latest_usable(checkpointer: checkpoint.Checkpointer, state: step_lib.TrainState, data_iterator: Any
-                          ) -> tuple[int, step_lib.TrainState]:
-    """(step, state) of the newest checkpoint that restores, or (0, state) if there is none.
+                          ) -> tuple[int, step_lib.TrainState, dict | None]:
+    """(step, state, metric-log state) of the newest checkpoint that restores, or (0, state,
+    None) if there is none.
 
     Newer checkpoints that cannot be read (a kill during a save, a truncated file) are moved
     aside with a warning naming them, but only once an older one has restored: if none
@@ -144,6 +153,7 @@ def restore_latest_usable(checkpointer: checkpoint.Checkpointer, state: step_lib
     for step in reversed(checkpointer.all_steps()):
         try:
             restored = checkpointer.restore(step, abstract, data_iterator)
+            log_state = checkpointer.restore_log(step)
         except CheckpointError as e:
             unreadable.append((step, e))
             continue
@@ -152,7 +162,7 @@ def restore_latest_usable(checkpointer: checkpoint.Checkpointer, state: step_lib
             logging.warning("checkpoint %d is unreadable (%s); moved it to %s and resumed from step %d",
                             bad_step, error, moved, step)
         logging.info("resumed from %s at step %d", checkpointer.step_directory(step), step)
-        return step, restored
+        return step, restored, log_state
     if unreadable:
         raise unreadable[0][1]
-    return 0, state
+    return 0, state, None
