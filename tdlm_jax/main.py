@@ -65,8 +65,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a one-line error for a bad override instead of a traceback."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:  # a value of the wrong type, a malformed flag
-        _fail(f"config error: {e}")
+    except flags.Error as e:  # a value of the wrong type, a malformed flag, or a config file that raised
+        if _root_cause(e) is not e:  # the --config file's get_config() raised while it was parsed
+            _fail_config_file(next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?"), e)
+        _fail(f"config error: {str(e).strip().splitlines()[0]}")
     except (AttributeError, KeyError) as e:  # an override of a key the config does not have
         text = str(e).replace("\\n", " ").replace("\n", " ")
         flag = next((a for a in argv if a.startswith("--config.")), "an override")
@@ -89,10 +91,14 @@ def load_config():
         _fail_config_file(config_flags.get_config_filename(flags.FLAGS["config"]), e)
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _fail_config_file(path: str, error: BaseException) -> None:
-    root = error
-    while root.__cause__ is not None or root.__context__ is not None:
-        root = root.__cause__ or root.__context__
+    root = _root_cause(error)
     lines = str(root).splitlines() or [""]
     reason = next((line.strip() for line in lines if "Errno" in line), lines[0])
     _fail(f"config file {path!r} could not be loaded ({type(root).__name__}: {reason}): "

@@ -18,7 +18,7 @@ import time
 import jax
 import pytest
 
-from tdlm_jax.errors import CheckpointError, ConfigError
+from tdlm_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tdlm_jax.metrics import jsonl, writers
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import loop, rundir
@@ -26,10 +26,13 @@ from tdlm_jax.training import loop, rundir
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
 VOLATILE = ("train/tokens_per_second", "summary/training_time_hours")
-# 60 steps: rows every 5, research every 10, checkpoints at 25 and 50, analysis at 50.
+# 60 steps: rows every 5, research every 10, checkpoints at 25 and 50, analysis at 50. The
+# loss-weight alert's bound sits inside the weights' batch-to-batch spread, so alerts start
+# and clear: a resumed run must keep the health history to raise exactly the same ones.
 SETTINGS = {"training.num_steps": 60, "training.checkpoint_every_n_steps": 25, "training.logging_steps": 5,
             "training.eval_every_n_steps": 25, "training.detailed_metrics_steps": 10,
-            "training.attention_analysis_steps": 50, "sampling.num_samples_at_eval": 0}
+            "training.attention_analysis_steps": 50, "sampling.num_samples_at_eval": 0,
+            "health.loss_weight_max": 1.9}
 OVERRIDES = tuple(f"--config.{key}={value}" for key, value in SETTINGS.items())
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -72,7 +75,9 @@ def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("durable") / "reference"
     result = run_main(workdir)
     assert result.returncode == 0, result.stderr[-2000:]
-    return run_files(workdir)
+    files = run_files(workdir)
+    assert len({a["event"] for a in files["alerts"]}) == 2  # alerts start and clear
+    return files
 
 
 def test_ctrl_c_at_a_random_moment_saves_and_the_resumed_files_equal_an_uninterrupted_run(reference, tmp_path):
@@ -101,14 +106,15 @@ def reference_config():
     return config
 
 
-@pytest.mark.parametrize("interrupt_step", [7, 33, 50])
+@pytest.mark.parametrize("interrupt_step", [7, 33])
 def test_ctrl_c_mid_interval_commits_that_step_and_the_resumed_files_equal_an_uninterrupted_run(
         reference, tmp_path, monkeypatch, interrupt_step):
     """A real SIGINT, delivered right after the loop reads the batch of `interrupt_step`:
-    between logging steps, before and after the first checkpoint, and at a checkpoint step.
-    The open interval's sums and the health history must travel with the checkpoint."""
+    between logging steps, before and after the first checkpoint (the random test above also
+    lands on checkpoint steps). The open interval's sums and the health history must travel
+    with the checkpoint."""
     real_global_batch, calls = sharding.global_batch, itertools.count(1)
-    offset = SETTINGS.get("data.num_eval_batches", reference_config().data.num_eval_batches)
+    offset = reference_config().data.num_eval_batches  # validation batches are placed first
 
     def interrupting(local_batch, mesh):
         if next(calls) - offset == interrupt_step:
@@ -218,3 +224,43 @@ def test_an_overflowing_perplexity_is_logged_as_inf():
     sums = {"nelbo_sum": 1000.0, "valid_tokens": 1.0, "masked_tokens": 1.0, "correct_tokens": 0.0}
     row = loop.evaluate(lambda *args: sums, None, [{"tokens": None, "valid": None}], jax.random.key(0))
     assert row["val/loss"] == 1000.0 and row["val/perplexity"] == math.inf
+
+
+# --- one line instead of a traceback ---------------------------------------------------------
+
+
+def test_out_of_memory_is_one_line_naming_the_fixes(tmp_path):
+    config = tiny_config(num_steps=2)
+    config.data.seq_len = 100_000  # [8, 2, L, L] attention: terabytes
+    with pytest.raises(TrainingError, match=r"out of memory .*RESOURCE_EXHAUSTED.*grad_accum_steps.*model.remat"):
+        loop.train(config, str(tmp_path))
+
+
+def test_a_key_set_inside_a_config_file_but_unknown_is_refused_before_the_workdir_exists(tmp_path):
+    config = tiny_config()
+    config.training.learning_rat = 0.5
+    with pytest.raises(ConfigError, match=r"training.learning_rat is not a config key \(did you mean "
+                                          r"training.learning_rate\?\)"):
+        loop.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_whose_get_config_raises_is_one_line(tmp_path):
+    path = tmp_path / "raising.py"
+    path.write_text("def get_config():\n    raise ValueError('no such corpus')\n")
+    result = subprocess.run([sys.executable, "-m", "tdlm_jax.main", f"--config={path}", f"--workdir={tmp_path / 'r'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: config file '{path}' could not be loaded (ValueError: no such corpus): pass "
+        "--config=configs/base.py or another file that defines get_config()"]
+
+
+def test_a_validation_split_shorter_than_a_window_is_refused(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "to be or not to be " * 40}) + "\n" for _ in range(39))
+                      + json.dumps({"text": "short."}) + "\n")
+    config = tiny_config()
+    config.data.source, config.data.val_fraction = str(corpus), 0.02  # one held-out document, 7 tokens
+    with pytest.raises(DataError, match="validation split .* has 7 tokens, fewer than one window of seq_len=32"):
+        loop.train(config, str(tmp_path / "run"))

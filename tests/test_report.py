@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -157,6 +158,17 @@ def test_empty_workdir_and_non_finite_values(tmp_path):
     page = run_report.build_report(write_workdir(tmp_path, rows))
     assert "non-finite train/loss at step 200" in page
     assert "2 non-finite" not in page  # drawn as a note on the plot, not as text
+
+
+def test_unreadable_lines_are_counted_not_fatal(tmp_path):
+    """A binary file, a JSON list, a non-integer step or a text value: notes, not tracebacks."""
+    workdir = pathlib.Path(write_workdir(tmp_path, tier1_rows(range(100, 400, 100))))
+    with open(workdir / "metrics.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n{"step": "abc", "train/loss": 1.0}\n{"step": 400, "val/loss": "low"}\n\x00\xff\xfe\x93\n')
+    page = run_report.build_report(workdir)
+    assert "metrics.jsonl: skipped 3 unreadable line(s)" in page
+    (workdir / "metrics.jsonl").write_bytes(bytes(range(256)) * 40)  # not text at all
+    assert "unreadable line(s)" in run_report.build_report(workdir)
 
 
 def test_cli_writes_the_report(tmp_path):

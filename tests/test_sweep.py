@@ -77,6 +77,19 @@ def test_bad_sweep_files(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "error:" in result.stderr
 
 
+@pytest.mark.parametrize("source, expected", [
+    ("def get_sweep(:\n", r"could not be loaded \(SyntaxError: "),
+    ("BASE_CONFIG = 'configs/base.py'\ndef get_sweep():\n    raise KeyError('seed')\n",
+     r"get_sweep\(\) raised \(KeyError: 'seed'\)")])
+def test_a_sweep_file_that_does_not_run_is_one_line(tmp_path, source, expected):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    with pytest.raises(SweepError, match=expected):
+        runner.load_sweep(str(path))
+    result = run_cli(str(path), "--dry_run")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
 def test_dry_run_prints_one_command_per_point(tmp_path):
     path = write_sweep_file(tmp_path, [{"diffusion.loss_weighting": "elbo", "seed": 0},
                                        {"diffusion.loss_weighting": "uniform", "seed": 1}],

@@ -76,8 +76,9 @@ def _parse(line: str) -> dict[str, Any] | None:
 
 
 def _parsed_lines(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any] | None]]:
-    """(line, its row or None if unreadable) for every non-blank line of `path`."""
-    with open(path, encoding="utf-8") as f:
+    """(line, its row or None if unreadable) for every non-blank line of `path`; bytes that
+    are not UTF-8 (a binary file given by mistake) make their line unreadable, not the file."""
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.strip():
                 yield line, _parse(line)

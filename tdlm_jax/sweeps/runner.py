@@ -82,19 +82,28 @@ def load_sweep(path: str) -> Sweep:
     """Runs the sweep file and checks what it defines."""
     if not os.path.isfile(path):
         raise SweepError(f"sweep error: {path!r} is not a file; pass a sweep file, e.g. experiments/loss_weighting.py")
-    module = runpy.run_path(path)
+    module = _run_user_code(path, lambda: runpy.run_path(path), "could not be loaded")
     get_sweep, base = module.get("get_sweep"), module.get("BASE_CONFIG")
     if not callable(get_sweep) or not isinstance(base, str):
         raise SweepError(f"sweep error: {path} must define get_sweep() and BASE_CONFIG (a config path)")
     base_path = base if os.path.isabs(base) else os.path.join(REPO_ROOT, base)
     if not os.path.isfile(base_path):
         raise SweepError(f"sweep error: {path}: BASE_CONFIG={base!r} not found (relative paths start at {REPO_ROOT})")
-    points = get_sweep()
+    points = _run_user_code(path, get_sweep, "get_sweep() raised")
     if not isinstance(points, (list, tuple)) or not points:
         raise SweepError(f"sweep error: {path}: get_sweep() must return a non-empty list of override dicts")
     checked = tuple(_check_overrides(p, f"{path}: point {i}") for i, p in enumerate(points))
     cpu = _check_overrides(module.get("CPU_OVERRIDES", {}), f"{path}: CPU_OVERRIDES")
     return Sweep(os.path.abspath(path), base_path, checked, cpu)
+
+
+def _run_user_code(path: str, call: Callable[[], Any], what: str) -> Any:
+    """`call()`, with whatever a user's file raises turned into a one-line SweepError naming it."""
+    try:
+        return call()
+    except Exception as e:  # a sweep or config file is arbitrary code: any error is the file's
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise SweepError(f"sweep error: {path} {what} ({type(e).__name__}: {first}): fix that file") from None
 
 
 def _safe(text: str) -> str:
@@ -157,7 +166,8 @@ def expected_steps(base_config: str, flags: Mapping[str, Any]) -> int:
     """training.num_steps of the point: its override, else the base config's value."""
     if "training.num_steps" in flags:
         return int(flags["training.num_steps"])
-    return int(runpy.run_path(base_config)["get_config"]().training.num_steps)
+    config = _run_user_code(base_config, lambda: runpy.run_path(base_config)["get_config"](), "could not be loaded")
+    return int(config.training.num_steps)
 
 
 def is_finished(directory: str, num_steps: int) -> bool:

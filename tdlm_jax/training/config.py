@@ -7,7 +7,11 @@ raises a `ConfigError` whose one-line message names the key and what is allowed.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import numbers
+import os
+import runpy
 from typing import Any, Callable
 
 import ml_collections
@@ -20,11 +24,15 @@ from tdlm_jax.data.documents import TXT_DOCUMENTS
 from tdlm_jax.data.pipeline import PACKINGS
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.metrics.health_thresholds import thresholds_from_config
+from tdlm_jax.metrics.writers import flatten_hparams
 from tdlm_jax.model.transformer import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig
 from tdlm_jax.training.optim import DECAY_SCHEDULES
 from tdlm_jax.parallel.sharding import resolve_mesh_shape
 from tdlm_jax.training.step import OBJECTIVES
 
+# The config every config file starts from; it lists every key (see its comments).
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "configs", "base.py")
 TOKENIZERS = tokenizer_lib.KINDS  # the forms data.tokenizer may take; parse_name checks one
 DTYPES = ("float32", "bfloat16")
 POSITIVE_INTS = (
@@ -74,8 +82,27 @@ def _check_range(config, key: str, ok: Callable[[float], bool], allowed: str) ->
     _require(_is_number(value) and ok(value), key, value, allowed)
 
 
+@functools.lru_cache(maxsize=1)
+def known_keys() -> frozenset[str]:
+    """Every key of configs/base.py, dotted; empty where the repository's configs/ is absent."""
+    if not os.path.isfile(BASE_CONFIG):
+        return frozenset()
+    return frozenset(flatten_hparams(runpy.run_path(BASE_CONFIG)["get_config"]().to_dict()))
+
+
+def _check_known_keys(config: ml_collections.ConfigDict) -> None:
+    """A key set inside a config file but read by nothing (a typo) is an error, as it is as an override."""
+    known = known_keys()
+    for key in sorted(flatten_hparams(config.to_dict())):
+        if known and key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"config error: {key} is not a config key{suggestion}; configs/base.py lists every key")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> None:
     """Raises ConfigError for the first invalid value; returns None if the config is usable."""
+    _check_known_keys(config)
     seed = _get(config, "seed")
     _require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed,
              "must be a non-negative integer")

@@ -36,6 +36,7 @@ from tdlm_jax.metrics.health_thresholds import thresholds_from_config
 from tdlm_jax.metrics.writers import MetricWriter
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import compilation, rundir, setup
+from tdlm_jax.training import config as config_lib
 from tdlm_jax.training import step as step_lib
 from tdlm_jax.training.metric_log import MetricLog
 from tdlm_jax.training.preemption import CTRL_C, Preemption
@@ -153,6 +154,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | 
     {"preempted_at_step": N} after a SIGTERM, {"interrupted_at_step": N} after a Ctrl-C, and
     {"finished_at_step": N} for a run that had already finished, which is left untouched."""
     wall_start = time.time()
+    # Before anything touches the workdir: a config error leaves no trace.
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     rundir.ensure_writable(workdir)
     with rundir.locked(workdir):  # one writer per workdir, held until the run's files are closed
         write_config = rundir.check_config_change(config, workdir)
@@ -197,9 +200,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
     except jax.errors.JaxRuntimeError as e:
         _close_quietly(writer)
         if "RESOURCE_EXHAUSTED" in str(e):
-            raise TrainingError(f"out of memory on {jax.devices()[0].device_kind} at step {state.step + 1} "
-                                f"({str(e).strip().splitlines()[0][:160]}): lower training.batch_size, raise "
-                                "training.grad_accum_steps, or set model.remat=true") from e
+            raise TrainingError(f"out of memory on {jax.devices()[0].device_kind} "
+                                f"({str(e).strip().splitlines()[0][:160]}): lower training.batch_size or "
+                                "data.seq_len, raise training.grad_accum_steps, or set model.remat=true") from e
         raise
     except BaseException:  # KeyboardInterrupt (a second Ctrl-C) included: stop without saving
         _close_quietly(writer)  # flush what can be flushed; the error that stopped training wins

@@ -108,8 +108,7 @@ def train_step_statics(config: ml_collections.ConfigDict, graphdef: Any, optimiz
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
-    """Validates the config, builds data, model and steps, and restores the latest checkpoint."""
-    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    """Builds data, model and steps of a validated config, and restores the latest checkpoint."""
     mesh = sharding.make_mesh(mesh_shape=config.sharding.mesh_shape)
     tok = dataset.build_tokenizer(config.data, workdir)  # bpe:<n> trains (or reloads) it in the workdir
     data = build_data(config, tok, mesh)
