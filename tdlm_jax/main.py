@@ -66,7 +66,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:  # a value of the wrong type, a malformed flag, or a config file that raised
-        if _root_cause(e) is not e:  # the --config file's get_config() raised while it was parsed
+        if "Error whilst parsing config file" in str(e):  # config_flags' words: the file's get_config() raised
             _fail_config_file(next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?"), e)
         _fail(f"config error: {str(e).strip().splitlines()[0]}")
     except (AttributeError, KeyError) as e:  # an override of a key the config does not have

@@ -88,20 +88,16 @@ def training_windows(data: ml_collections.ConfigDict, tok: Tokenizer,
 
     Raises:
         DataError: as for the source and tokenizer, or if a single document's split leaves
-            either side shorter than seq_len, or any source's validation split is (its loss
-            would be measured on a fraction of a window, or on nothing).
+            either side shorter than seq_len.
     """
     token_cache = token_cache or cache.open_or_build(data, tok)
-    sizes = token_cache.train.num_tokens, token_cache.val.num_tokens
-    if token_cache.meta["split_by"] == "tokens" and min(sizes) < data.seq_len:  # one document, split by tokens
-        raise DataError(f"text of {sum(sizes)} tokens is too short for seq_len={data.seq_len} and "
-                        f"val_fraction={data.val_fraction} (train {sizes[0]}, validation {sizes[1]} tokens; "
-                        "each needs >= seq_len): use a longer text, a smaller --config.data.seq_len, or a "
-                        "val_fraction closer to 0.5")
-    if sizes[1] < data.seq_len:
-        raise DataError(f"the validation split of {data.source} has {sizes[1]} tokens, fewer than one window of "
-                        f"seq_len={data.seq_len}: raise --config.data.val_fraction, add documents, or lower "
-                        "--config.data.seq_len")
+    if token_cache.meta["split_by"] == "tokens":  # one document, split by tokens
+        sizes = token_cache.train.num_tokens, token_cache.val.num_tokens
+        if min(sizes) < data.seq_len:
+            raise DataError(f"text of {sum(sizes)} tokens is too short for seq_len={data.seq_len} and "
+                            f"val_fraction={data.val_fraction} (train {sizes[0]}, validation {sizes[1]} tokens; "
+                            "each needs >= seq_len): use a longer text, a smaller --config.data.seq_len, or a "
+                            "val_fraction closer to 0.5")
     packing = data.get("packing", "wrap")
     return {"train": pipeline.StreamWindows(token_cache.train, data.seq_len, tok.pad_id, packing),
             "val": pipeline.StreamWindows(token_cache.val, data.seq_len, tok.pad_id, packing)}
@@ -124,6 +120,11 @@ def build_training_data(config: ml_collections.ConfigDict, tok: Tokenizer, *, pr
     token_cache = cache.open_or_build(data, tok)
     splits = training_windows(data, tok, token_cache)
     check_enough_for_a_batch(splits["train"], config.training.batch_size, data.seq_len)
+    # A validation loss measured on a fraction of a window, or on nothing, would read as a number.
+    if token_cache.val.num_tokens < data.seq_len:
+        raise DataError(f"the validation split of {data.source} has {token_cache.val.num_tokens} tokens, fewer than "
+                        f"one window of seq_len={data.seq_len}: raise --config.data.val_fraction, add documents, or "
+                        "lower --config.data.seq_len")
     train_iterator = pipeline.train_iterator(
         splits["train"], global_batch_size=config.training.batch_size, seed=config.seed,
         process_index=process_index, process_count=process_count, worker_count=int(data.get("worker_count", 0)),

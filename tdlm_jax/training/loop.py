@@ -102,7 +102,7 @@ def _synced_time(state: step_lib.TrainState) -> float:
 
 
 def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState, preemption: Preemption) -> None:
-    """Steps `state` from its step to `training.num_steps`, or until a SIGTERM."""
+    """Steps `state` from its step to `training.num_steps`, or until a SIGTERM or Ctrl-C."""
     tc = config.training
     log, iterator = state.log, run.data.train_iterator
     compiled: set[bool] = set()
@@ -189,9 +189,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
     if run.log_state is not None:
         log.load_state_dict(run.log_state)
     state = RunState(run.initial_state, run.start_step, run.data.train_iterator.get_state(), log)
+    stop_now = False
     try:
         with Preemption() as preemption:
             run_loop(config, run, state, preemption)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop without saving, or waiting for a save
+        stop_now = True
+        _close_quietly(writer)
+        raise
     except OSError as e:  # a full disk or a vanished workdir while writing metrics
         _close_quietly(writer)
         raise CheckpointError(f"could not write to {workdir} ({e.strerror or e}): free disk space or "
@@ -204,11 +209,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
                                 f"({str(e).strip().splitlines()[0][:160]}): lower training.batch_size or "
                                 "data.seq_len, raise training.grad_accum_steps, or set model.remat=true") from e
         raise
-    except BaseException:  # KeyboardInterrupt (a second Ctrl-C) included: stop without saving
+    except BaseException:
         _close_quietly(writer)  # flush what can be flushed; the error that stopped training wins
         raise
     finally:
-        run.close()  # waits for a save in flight; stops grain's worker processes
+        run.close(wait=not stop_now)  # waits for a save in flight; stops grain's worker processes
     if preemption.requested:
         writer.close()
         key = "interrupted_at_step" if preemption.reason == CTRL_C else "preempted_at_step"

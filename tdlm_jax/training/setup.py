@@ -54,10 +54,12 @@ class Run:
     log_state: dict | None  # the metric log saved with the restored checkpoint (None: fresh, or older)
     is_diffusion: bool  # False for the autoregressive baseline: no tier-2/3 metrics
 
-    def close(self) -> None:
-        """Waits for a checkpoint save in flight, and stops grain's worker processes, if any."""
+    def close(self, wait: bool = True) -> None:
+        """Waits for a checkpoint save in flight (unless not `wait`: a second Ctrl-C, where a
+        half-written checkpoint is never trusted), and stops grain's worker processes, if any."""
         try:
-            self.checkpointer.close()
+            if wait:
+                self.checkpointer.close()
         finally:
             self.data.train_iterator.close()
 
