@@ -21,7 +21,7 @@ import pytest
 from tdlm_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tdlm_jax.metrics import jsonl, writers
 from tdlm_jax.parallel import sharding
-from tdlm_jax.training import loop, rundir
+from tdlm_jax.training import checkpoint, loop, rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -110,24 +110,32 @@ def reference_config():
     return config
 
 
-@pytest.mark.parametrize("interrupt_step", [7, 23])
-def test_ctrl_c_mid_interval_commits_that_step_and_the_resumed_files_equal_an_uninterrupted_run(
-        reference, tmp_path, monkeypatch, interrupt_step):
-    """A real SIGINT, delivered right after the loop reads the batch of `interrupt_step`:
-    between logging steps, before and after the first checkpoint (the random test above also
-    lands on checkpoint steps). The open interval's sums and the health history must travel
-    with the checkpoint."""
-    real_global_batch, calls = sharding.global_batch, itertools.count(1)
-    offset = reference_config().data.num_eval_batches  # validation batches are placed first
+@pytest.mark.parametrize("moment, interrupt_step", [("batch", 7), ("batch", 23), ("save", 15), ("evaluation", 30)])
+def test_ctrl_c_at_a_chosen_moment_commits_that_step_and_the_resumed_files_equal_an_uninterrupted_run(
+        reference, tmp_path, monkeypatch, moment, interrupt_step):
+    """A real SIGINT, delivered right after the loop reads the batch of `interrupt_step`
+    (between logging steps, before and after the first checkpoint: the open interval's sums
+    and the health history must travel with the checkpoint), during a checkpoint save, or
+    during an evaluation."""
+    def interrupt_at(function, is_the_moment):
+        def interrupting(*args, **kwargs):
+            if is_the_moment(*args):
+                os.kill(os.getpid(), signal.SIGINT)
+            return function(*args, **kwargs)
+        return interrupting
 
-    def interrupting(local_batch, mesh):
-        if next(calls) - offset == interrupt_step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_global_batch(local_batch, mesh)
-
-    monkeypatch.setattr(sharding, "global_batch", interrupting)
+    if moment == "batch":
+        calls, offset = itertools.count(1), reference_config().data.num_eval_batches  # validation batches first
+        monkeypatch.setattr(sharding, "global_batch",
+                            interrupt_at(sharding.global_batch, lambda *_: next(calls) - offset == interrupt_step))
+    elif moment == "save":
+        monkeypatch.setattr(checkpoint.Checkpointer, "save", interrupt_at(
+            checkpoint.Checkpointer.save, lambda self, step, *_: step == interrupt_step))
+    else:
+        calls = itertools.count(1)  # evaluations at steps 15, 30
+        monkeypatch.setattr(loop, "evaluate", interrupt_at(loop.evaluate, lambda *_: next(calls) == 2))
     assert loop.train(reference_config(), str(tmp_path)) == {"interrupted_at_step": interrupt_step}
-    monkeypatch.setattr(sharding, "global_batch", real_global_batch)
+    monkeypatch.undo()
     assert loop.train(reference_config(), str(tmp_path))["summary/total_steps"] == 40
     assert run_files(tmp_path) == reference
 

@@ -101,6 +101,13 @@ def _synced_time(state: step_lib.TrainState) -> float:
     return time.perf_counter()
 
 
+def _timed_commit(run: setup.Run, state: RunState) -> None:
+    """`commit`, its time left out of the throughput."""
+    tic = _synced_time(state.train_state)
+    commit(run, state)
+    state.log.exclude(time.perf_counter() - tic)
+
+
 def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState, preemption: Preemption) -> None:
     """Steps `state` from its step to `training.num_steps`, or until a SIGTERM or Ctrl-C."""
     tc = config.training
@@ -138,11 +145,13 @@ def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState,
             if run.is_diffusion and config.sampling.num_samples_at_eval:
                 log.writer.write_texts(step, eval_samples(config, run, train_state.eval_params(), step))
             log.exclude(time.perf_counter() - tic)
+        committed = _every(step, tc.checkpoint_every_n_steps, tc.num_steps)
+        if committed:
+            _timed_commit(run, state)
+        # After the regular commit, so a stop requested during its save needs no second one.
         preempted = preemption.reached(step)  # the same on every host of a multi-host job
-        if _every(step, tc.checkpoint_every_n_steps, tc.num_steps) or preempted:
-            tic = _synced_time(train_state)
-            commit(run, state)
-            log.exclude(time.perf_counter() - tic)
+        if preempted and not committed:
+            _timed_commit(run, state)
         if preempted:
             logging.warning("%s: saved a checkpoint at step %d; run the same command to resume", preemption.reason, step)
             break
