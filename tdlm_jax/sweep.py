@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tdlm_jax.errors import SweepError, TdlmError
-from tdlm_jax.sweeps.runner import SIZES, build_points, expected_steps, load_sweep, run_points, shell_line, write_sweep_json
+from tdlm_jax.sweeps.runner import (SIZES, build_points, expected_steps, load_sweep, run_points, shell_line,
+                                    write_sweep_json)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from html import escape
 from typing import Any
 
 from tdlm_jax.analysis import verdicts
-from tdlm_jax.metrics.formatting import format_number
+from tdlm_jax.metrics.formatting import format_number as fmt  # the project's one number formatter
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
@@ -87,13 +87,13 @@ def summary_tables(summary: Mapping[str, Any] | None, latest: Sequence[tuple[str
         rows = []
         for key, value in summary.items():
             extra = f" ({60 * value:.1f} min)" if key.endswith("hours") and isinstance(value, float) else ""
-            rows.append(f'<tr><td>{escape(key)}</td><td class="num">{escape(format_number(value))}{extra}</td></tr>')
+            rows.append(f'<tr><td>{escape(key)}</td><td class="num">{escape(fmt(value))}{extra}</td></tr>')
         first = f'<table><tr><th>summary</th><th>value</th></tr>{"".join(rows)}</table>'
     else:
         first = '<p class="note">no summary yet (summary.json is written when the run ends)</p>'
     if not latest:
         return first
-    rows = "".join(f'<tr><td>{escape(n)}</td><td class="num">{s}</td><td class="num">{escape(format_number(v))}</td></tr>'
+    rows = "".join(f'<tr><td>{escape(n)}</td><td class="num">{s}</td><td class="num">{escape(fmt(v))}</td></tr>'
                    for n, s, v in latest)
     return (f'<div class="tables">{first}<table><tr><th>latest tier-1 value</th><th>step</th>'
             f'<th>value</th></tr>{rows}</table></div>')
@@ -107,7 +107,7 @@ def alerts_table(alerts: Sequence[Mapping[str, Any]], file_exists: bool) -> str:
     rows = []
     for a in sorted(alerts, key=lambda a: a["step"]):
         named = a.get("values") if isinstance(a.get("values"), Mapping) else {}
-        values = ", ".join(f"{k}={format_number(v)}" for k, v in named.items())
+        values = ", ".join(f"{k}={fmt(v)}" for k, v in named.items())
         event = str(a.get("event", ""))
         css = ' class="alert-start"' if event == "start" else ""
         text = {key: escape(str(a.get(key, ""))) for key in ("rule", "message", "meaning")}

@@ -10,7 +10,7 @@ from typing import Callable
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.inference import generation
 from tdlm_jax.inference.trained import TrainedModel, load_trained
-from tdlm_jax.metrics.formatting import format_number
+from tdlm_jax.metrics.formatting import format_number as fmt  # the project's one number formatter
 from tdlm_jax.model import autoregressive
 
 MISSING = "—"
@@ -27,7 +27,7 @@ def level_table(rows: list[dict], label: Callable[[dict], str]) -> list[str]:
              f"{'NELBO part':>12}"]
     for row in rows:
         lines.append(f"  {label(row):<22}{row['samples']:>9}{row['masked_tokens']:>12}"
-                     f"{format_number(row['loss'], MISSING):>11}{format_number(row['accuracy'], MISSING):>10}{format_number(row['nelbo']):>12}")
+                     f"{fmt(row['loss'], MISSING):>11}{fmt(row['accuracy'], MISSING):>10}{fmt(row['nelbo']):>12}")
     return lines
 
 
@@ -37,11 +37,11 @@ def format_report(result: dict, *, workdir: str, split: str, seconds: float) -> 
         f"NELBO of {workdir} at step {result['eval/step']} on the {split} split "
         f"({result['eval/num_sequences']} sequences, {result['eval/num_tokens']} tokens, "
         f"{result['eval/num_t_samples']} t-samples each, {seconds:.1f} s)",
-        f"  eval/nelbo            {format_number(result['eval/nelbo'])} ± {format_number(result['eval/nelbo_stderr'], MISSING)} "
+        f"  eval/nelbo            {fmt(result['eval/nelbo'])} ± {fmt(result['eval/nelbo_stderr'], MISSING)} "
         "nats/token (± one standard error over sequences)",
-        f"  eval/bits_per_token   {format_number(result['eval/bits_per_token'])}",
-        f"  eval/perplexity_bound {format_number(result['eval/perplexity_bound'])}",
-        f"  eval/mask_accuracy    {format_number(result['eval/mask_accuracy'], MISSING)}",
+        f"  eval/bits_per_token   {fmt(result['eval/bits_per_token'])}",
+        f"  eval/perplexity_bound {fmt(result['eval/perplexity_bound'])}",
+        f"  eval/mask_accuracy    {fmt(result['eval/mask_accuracy'], MISSING)}",
         "",
         "by masking rate 1 − α(t) (CE and accuracy over masked tokens; NELBO parts add up to eval/nelbo):",
         *level_table(result["curve"], _interval),
@@ -52,8 +52,8 @@ def format_report(result: dict, *, workdir: str, split: str, seconds: float) -> 
     if "gen/perplexity" in result:
         lines += ["", f"{result['gen/num_samples']} samples ({result['gen/sampler']}, {result['gen/steps']} steps, "
                       f"nfe {result['gen/nfe']}) scored by the AR model (float64):",
-                  f"  gen/perplexity        {format_number(result['gen/perplexity'])}",
-                  f"  gen/unigram_entropy   {format_number(result['gen/unigram_entropy'])} nats (low: repetitive samples)"]
+                  f"  gen/perplexity        {fmt(result['gen/perplexity'])}",
+                  f"  gen/unigram_entropy   {fmt(result['gen/unigram_entropy'])} nats (low: repetitive samples)"]
     return "\n".join(lines)
 
 

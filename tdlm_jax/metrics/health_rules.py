@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.catalogue import BUCKETS, bucket_name
-from tdlm_jax.metrics.formatting import format_number
+from tdlm_jax.metrics.formatting import format_number as fmt  # the project's one number formatter
 from tdlm_jax.metrics.health_thresholds import HealthThresholds
 
 TRAIN_LOSS, GRAD_NORM, SKIPPED = names.TRAIN_LOSS, names.GRAD_NORM, names.SKIPPED_STEPS
@@ -127,7 +127,7 @@ def check_bucket_order(row: Mapping[str, float], history: History, th: HealthThr
     if high is None or medium is None or step < th.warmup_steps:
         return None
     return Check(high > medium + th.bucket_order_margin, {HIGH_ACCURACY: high, MEDIUM_ACCURACY: medium},
-                 f"high-corruption accuracy {format_number(high)} vs medium {format_number(medium)} "
+                 f"high-corruption accuracy {fmt(high)} vs medium {fmt(medium)} "
                  f"(fires above medium + {th.bucket_order_margin})")
 
 
@@ -140,7 +140,7 @@ def zero_accuracy_rule(bucket: str) -> Rule:
         if accuracy is None or count is None or step < th.warmup_steps:
             return None
         return Check(count > 0 and accuracy == 0.0, {accuracy_key: accuracy, count_key: count},
-                     f"{bucket}-corruption accuracy {format_number(accuracy)} over {format_number(count)} sequences")
+                     f"{bucket}-corruption accuracy {fmt(accuracy)} over {fmt(count)} sequences")
 
     return Rule(f"zero_accuracy_{bucket}_corruption",
                 "Training failure: a corruption level with 0% accuracy (guide: 'any corruption level "
@@ -159,7 +159,7 @@ def check_mask_accuracy_stagnation(row: Mapping[str, float], history: History, t
     gain = window[-1] - window[0]
     return Check(window[-1] < th.mask_accuracy_floor and gain < th.stagnation_min_improvement,
                  {MASK_ACCURACY: window[-1]},
-                 f"mask accuracy {format_number(window[-1])} (floor {th.mask_accuracy_floor}), gain {format_number(gain)} over "
+                 f"mask accuracy {fmt(window[-1])} (floor {th.mask_accuracy_floor}), gain {fmt(gain)} over "
                  f"the last {th.stagnation_window} points (needs >= {th.stagnation_min_improvement})")
 
 
@@ -176,16 +176,16 @@ def range_rule(name: str, metric: str, low: str | None, high: str | None, meanin
         value = row.get(metric)
         if value is None:
             return None
-        judged, label = value, f"{metric}={format_number(value)}"
+        judged, label = value, f"{metric}={fmt(value)}"
         if median_window is not None and math.isfinite(value):
             n = getattr(th, median_window)
             recent = next(history.values(metric, k) for k in range(n, 0, -1) if history.values(metric, k))
             judged = statistics.median(recent)
-            label = f"median of the last {len(recent)} {metric}={format_number(judged)} (latest {format_number(value)})"
+            label = f"median of the last {len(recent)} {metric}={fmt(judged)} (latest {fmt(value)})"
         lo = -math.inf if low is None else getattr(th, low)
         hi = math.inf if high is None else getattr(th, high)
         # Written as "not inside" so that NaN fires: a non-finite norm or weight is never healthy.
-        return Check(not lo <= judged <= hi, {metric: value}, f"{label} (healthy range [{format_number(lo)}, {format_number(hi)}])")
+        return Check(not lo <= judged <= hi, {metric: value}, f"{label} (healthy range [{fmt(lo)}, {fmt(hi)}])")
 
     return Rule(name, meaning, check)
 
@@ -205,8 +205,8 @@ def decreasing_trend_rule(name: str, metric: str, meaning: str, shown: tuple[str
         drop = (window[0] - window[-1]) / window[0] if window[0] > 0 else 0.0
         values = {metric: window[-1], **{k: row[k] for k in shown if k in row}}
         return Check(_strictly_decreasing(window) and drop > th.trend_min_drop, values,
-                     f"{metric} {format_number(window[0])} -> {format_number(window[-1])} over the last {th.trend_window} points "
-                     f"(relative drop {format_number(drop)}; fires above {th.trend_min_drop} if strictly decreasing)")
+                     f"{metric} {fmt(window[0])} -> {fmt(window[-1])} over the last {th.trend_window} points "
+                     f"(relative drop {fmt(drop)}; fires above {th.trend_min_drop} if strictly decreasing)")
 
     return Rule(name, meaning, check)
 
@@ -222,8 +222,8 @@ def check_overfitting(row: Mapping[str, float], history: History, th: HealthThre
     val_values, gap_values = [v for _, v in val], [g for _, g in gap]
     return Check(_strictly_increasing(val_values) and _strictly_increasing(gap_values),
                  {VAL_LOSS: val_values[-1], VAL_TRAIN_GAP: gap_values[-1]},
-                 f"val/loss {format_number(val_values[0])} -> {format_number(val_values[-1])}, val-train gap "
-                 f"{format_number(gap_values[0])} -> {format_number(gap_values[-1])} over the last {th.overfit_window} evaluations")
+                 f"val/loss {fmt(val_values[0])} -> {fmt(val_values[-1])}, val-train gap "
+                 f"{fmt(gap_values[0])} -> {fmt(gap_values[-1])} over the last {th.overfit_window} evaluations")
 
 
 def check_non_finite(row: Mapping[str, float], history: History, th: HealthThresholds, step: int) -> Check | None:
@@ -239,7 +239,7 @@ def check_non_finite(row: Mapping[str, float], history: History, th: HealthThres
     problems = [f"{k}={row[k]}" for k in (TRAIN_LOSS, GRAD_NORM) if k in row and not math.isfinite(row[k])]
     skipped = history.values(SKIPPED, 2) if SKIPPED in row else None
     if skipped is not None and skipped[1] > skipped[0]:
-        problems.append(f"{SKIPPED} {format_number(skipped[0])} -> {format_number(skipped[1])}")
+        problems.append(f"{SKIPPED} {fmt(skipped[0])} -> {fmt(skipped[1])}")
     return Check(bool(problems), present, "; ".join(problems) or "loss and gradient finite, no skipped update")
 
 
@@ -252,7 +252,7 @@ def check_weight_difficulty_sign(row: Mapping[str, float], history: History, th:
         return None
     firing = corr > th.weight_difficulty_margin if sign == "negative" else corr < -th.weight_difficulty_margin
     return Check(firing, {WEIGHT_DIFFICULTY: corr},
-                 f"weight-difficulty correlation {format_number(corr)} (expected {sign}, margin {th.weight_difficulty_margin})")
+                 f"weight-difficulty correlation {fmt(corr)} (expected {sign}, margin {th.weight_difficulty_margin})")
 
 
 def default_rules() -> list[Rule]:

@@ -153,7 +153,8 @@ def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState,
         if preempted and not committed:
             _timed_commit(run, state)
         if preempted:
-            logging.warning("%s: saved a checkpoint at step %d; run the same command to resume", preemption.reason, step)
+            logging.warning("%s: saved a checkpoint at step %d; run the same command to resume",
+                            preemption.reason, step)
             break
     log.flush()
 

@@ -83,7 +83,8 @@ class MetricLog:
         """What a checkpoint keeps of the log (call after `flush`): the open interval's sums, the
         running figures and the health monitor's state, so a resumed run logs what an
         uninterrupted one does. Fetching the interval syncs with the device: commits are rare."""
-        interval = {name: [float(total), float(count)] for name, (total, count) in jax.device_get(self.interval).items()}
+        fetched = jax.device_get(self.interval)
+        interval = {name: [float(total), float(count)] for name, (total, count) in fetched.items()}
         return {"interval": interval, "last_train_loss": self.last_train_loss,
                 "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
                 "consecutive_skips": self.consecutive_skips, "monitor": self.monitor.state_dict()}
@@ -91,7 +92,8 @@ class MetricLog:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["interval"]
         if set(saved) == set(self.interval_names):  # else a changed objective: start a fresh interval
-            self.interval = {name: tuple(jnp.asarray(x, jnp.float32) for x in saved[name]) for name in self.interval_names}
+            self.interval = {name: tuple(jnp.asarray(x, jnp.float32) for x in saved[name])
+                             for name in self.interval_names}
         self.last_train_loss = state["last_train_loss"]
         best = state["best_val_loss"]
         self.best_val_loss = math.inf if best is None else best

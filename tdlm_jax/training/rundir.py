@@ -1,15 +1,16 @@
 """Everything about a run's workdir: what it holds, that it is writable and holds nothing
-else, that a resume does not change what the run computes, and cutting its row files back
-to the checkpoint a run resumes from.
+else, that one process writes it, that a resume does not change what the run computes, that
+a finished run is left alone, and cutting its files back to the checkpoint a run resumes from.
 
-    <workdir>/config.json          the resolved config (written at every start)
+    <workdir>/config.json          the resolved config (written when new or changed)
               metrics.jsonl        one row per logged step and tier (`tdlm_jax.metrics.jsonl`)
               alerts.jsonl         health alert starts and clears
               summary.json         written when the run finishes
-              checkpoints/<step>/  orbax checkpoints: train state + data position
+              checkpoints/<step>/  orbax checkpoints: train state, data position, metric log
               tokenizer_info.json  the tokenizer's special ids
               compilation_cache/   compiled steps (training.compilation_cache_dir)
               events.out.tfevents.*  TensorBoard
+              .lock                the running process's pid and host
 """
 
 from __future__ import annotations
