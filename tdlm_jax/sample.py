@@ -13,9 +13,9 @@ import sys
 
 from absl import app, flags, logging
 
-from tdlm_jax.errors import TdlmError
 from tdlm_jax.data.dataset import load_tokenizer
 from tdlm_jax.diffusion.sampling import SAMPLERS, resolve_sampler
+from tdlm_jax.errors import TdlmError
 from tdlm_jax.inference.generation import format_samples, make_template, sample_texts
 from tdlm_jax.inference.trained import load_config, load_trained
 

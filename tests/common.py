@@ -9,13 +9,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tdlm_jax.training import optim
-
-from tdlm_jax.parallel import sharding
-from tdlm_jax.training import step as step_lib
 from tdlm_jax.diffusion.corruption import ForwardProcess
 from tdlm_jax.diffusion.schedules import Schedule
 from tdlm_jax.model.transformer import Denoiser, ModelConfig
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import optim
+from tdlm_jax.training import step as step_lib
 
 BATCH, LENGTH = 8, 16
 EDGES = (0.0, 0.3, 0.7, 1.0)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdlm_jax.parallel import sharding
-from tdlm_jax.training import step as step_lib
 from tdlm_jax.diffusion.corruption import corrupt
 from tdlm_jax.metrics import advanced
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import step as step_lib
 from common import MODEL, make_process, model_parts, random_batch
 
 # B=3, L=5: a full row, a row ending in padding, and a row with no valid position at all.

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdlm_jax.model import autoregressive
-
-from tdlm_jax.training import loop
 from tdlm_jax.diffusion.loss import token_cross_entropy
 from tdlm_jax.metrics import catalogue, health_rules, jsonl
+from tdlm_jax.model import autoregressive
 from tdlm_jax.model.transformer import Denoiser
+from tdlm_jax.training import loop
 from common import MODEL, random_batch
 
 MASK_ID = 256

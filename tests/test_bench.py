@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 from tdlm_jax import bench
-from tdlm_jax.training import benchmark
-
-from tdlm_jax.model import flops
 from tdlm_jax.errors import ConfigError
+from tdlm_jax.model import flops
+from tdlm_jax.training import benchmark
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.py"

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdlm_jax.training.checkpoint import Checkpointer
 from tdlm_jax.errors import CheckpointError
+from tdlm_jax.training.checkpoint import Checkpointer
 
 
 def _state(seed: int = 0) -> dict:
@@ -163,8 +163,8 @@ def test_abstract_state_without_sharding_is_rejected(tmp_path):
 _FAILED_RESTORE_SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from tdlm_jax.training.checkpoint import Checkpointer
 from tdlm_jax.errors import CheckpointError
+from tdlm_jax.training.checkpoint import Checkpointer
 
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -9,10 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tdlm_jax.training import compilation
-
-from tdlm_jax.training import loop, rundir
 from tdlm_jax.errors import ConfigError
+from tdlm_jax.training import compilation, loop, rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

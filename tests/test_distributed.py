@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tdlm_jax.training import config as config_lib
-from tdlm_jax.parallel import distributed
-from tdlm_jax.parallel import sharding
 from tdlm_jax.errors import ConfigError
+from tdlm_jax.parallel import distributed, sharding
+from tdlm_jax.training import config as config_lib
 from common import fresh_state, random_batch, train_fn
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

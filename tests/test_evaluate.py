@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdlm_jax.inference import nelbo
 from tdlm_jax.diffusion.corruption import ForwardProcess
 from tdlm_jax.diffusion.schedules import Schedule
 from tdlm_jax.errors import ConfigError
+from tdlm_jax.inference import nelbo
 from tdlm_jax.inference.trained import load_trained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import runpy
 import numpy as np
 import pytest
 
-from tdlm_jax.training import config as config_lib
 from tdlm_jax.data import cache, dataset, hf_source, tokenizer
 from tdlm_jax.errors import ConfigError, DataError
+from tdlm_jax.training import config as config_lib
 
 datasets = pytest.importorskip("datasets")  # offline: tests/conftest.py sets HF_DATASETS_OFFLINE
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdlm_jax.training import config as config_lib
-from tdlm_jax.parallel import sharding
-from tdlm_jax.training import step as step_lib
-from tdlm_jax.training import loop, setup
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.model.transformer import Denoiser
 from tdlm_jax.inference.trained import load_config, load_trained
+from tdlm_jax.model.transformer import Denoiser
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import loop, setup
+from tdlm_jax.training import config as config_lib
+from tdlm_jax.training import step as step_lib
 from common import MODEL, model_parts, make_process, optimizer_and_schedule, random_batch
 
 from test_train import TINY

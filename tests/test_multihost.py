@@ -24,9 +24,9 @@ import jax
 import numpy as np
 import pytest
 
-from tdlm_jax.training import loop
-from tdlm_jax.metrics import jsonl
 from tdlm_jax.inference.trained import load_trained
+from tdlm_jax.metrics import jsonl
+from tdlm_jax.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tdlm_jax.training import config as config_lib
 from tdlm_jax.data import tokenizer
 from tdlm_jax.model.transformer import Denoiser
+from tdlm_jax.training import config as config_lib
 
 pytest.importorskip("tokenizers")
 pa = pytest.importorskip("pyarrow")

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from tdlm_jax.training import loop
 from tdlm_jax.errors import CheckpointError, ConfigError
 from tdlm_jax.metrics import jsonl
+from tdlm_jax.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")

@@ -13,10 +13,9 @@ import sys
 
 import pytest
 
+from tdlm_jax.analysis import sweep_compare
 from tdlm_jax.errors import SweepError
 from tdlm_jax.sweeps import runner
-
-from tdlm_jax.analysis import sweep_compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")

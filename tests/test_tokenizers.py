@@ -8,9 +8,9 @@ import runpy
 import numpy as np
 import pytest
 
-from tdlm_jax.training import config as config_lib
 from tdlm_jax.data import dataset, subword, tokenizer
 from tdlm_jax.errors import ConfigError, DataError
+from tdlm_jax.training import config as config_lib
 
 pytest.importorskip("tokenizers")
 REPO = pathlib.Path(__file__).resolve().parents[1]

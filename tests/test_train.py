@@ -14,13 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from tdlm_jax.training import config as config_lib
-from tdlm_jax.parallel import sharding
-from tdlm_jax.training import loop
 from tdlm_jax.errors import ConfigError, TrainingError
 from tdlm_jax.inference.trained import load_trained
 from tdlm_jax.metrics import jsonl
 from tdlm_jax.metrics.writers import read_scalars
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import loop
+from tdlm_jax.training import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")

@@ -22,8 +22,8 @@ from tdlm_jax.analysis import run_report as report
 from tdlm_jax.analysis.report_html import CSS
 from tdlm_jax.analysis.verdicts import points as metric_points
 from tdlm_jax.errors import SweepError
-from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics import jsonl
+from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.catalogue import BUCKETS, bucket_name
 from tdlm_jax.metrics.formatting import format_number
 from tdlm_jax.sweeps.runner import format_value

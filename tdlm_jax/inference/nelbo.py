@@ -39,13 +39,13 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from tdlm_jax.training import config as config_lib
-from tdlm_jax.parallel import sharding
 from tdlm_jax.data import dataset
 from tdlm_jax.diffusion.corruption import ForwardProcess, corrupt_at_times
 from tdlm_jax.diffusion.loss import correct_predictions, weighted_token_losses
 from tdlm_jax.errors import ConfigError, DataError
 from tdlm_jax.metrics.aggregation import perplexity
+from tdlm_jax.parallel import sharding
+from tdlm_jax.training import config as config_lib
 
 if TYPE_CHECKING:
     from tdlm_jax.inference.trained import TrainedModel

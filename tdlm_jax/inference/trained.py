@@ -18,9 +18,9 @@ from flax import nnx
 
 from tdlm_jax.data import dataset, tokenizer as tokenizer_lib
 from tdlm_jax.errors import CheckpointError
+from tdlm_jax.metrics.jsonl import CONFIG_FILE
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import checkpoint, setup
-from tdlm_jax.metrics.jsonl import CONFIG_FILE
 
 
 @dataclasses.dataclass

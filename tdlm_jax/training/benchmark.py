@@ -29,13 +29,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tdlm_jax.training import config as config_lib
+from tdlm_jax.data import throughput
+from tdlm_jax.data import tokenizer as tokenizer_lib
+from tdlm_jax.errors import ConfigError
 from tdlm_jax.model import flops as flops_lib
 from tdlm_jax.parallel import sharding
+from tdlm_jax.training import config as config_lib
 from tdlm_jax.training import step as step_lib
-from tdlm_jax.data import tokenizer as tokenizer_lib
-from tdlm_jax.data import throughput
-from tdlm_jax.errors import ConfigError
 from tdlm_jax.training.setup import build_model_and_optimizer, initial_state, train_step_statics
 
 MODES = ("train", "tiers", "data")

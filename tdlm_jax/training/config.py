@@ -16,18 +16,18 @@ from typing import Any, Callable
 
 import ml_collections
 
-from tdlm_jax.diffusion.corruption import LOSS_WEIGHTINGS, TIME_SAMPLING, ForwardProcess
-from tdlm_jax.diffusion.sampling import SAMPLERS
-from tdlm_jax.diffusion.schedules import SCHEDULES, Schedule
 from tdlm_jax.data import hf_source, tokenizer as tokenizer_lib
 from tdlm_jax.data.documents import TXT_DOCUMENTS
 from tdlm_jax.data.pipeline import PACKINGS
+from tdlm_jax.diffusion.corruption import ForwardProcess, LOSS_WEIGHTINGS, TIME_SAMPLING
+from tdlm_jax.diffusion.sampling import SAMPLERS
+from tdlm_jax.diffusion.schedules import SCHEDULES, Schedule
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.metrics.health_thresholds import thresholds_from_config
 from tdlm_jax.metrics.writers import flatten_hparams
-from tdlm_jax.model.transformer import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig
-from tdlm_jax.training.optim import DECAY_SCHEDULES
+from tdlm_jax.model.transformer import ATTENTION_IMPLS, ModelConfig, REMAT_POLICIES
 from tdlm_jax.parallel.sharding import resolve_mesh_shape
+from tdlm_jax.training.optim import DECAY_SCHEDULES
 from tdlm_jax.training.step import OBJECTIVES
 
 # The config every config file starts from; it lists every key (see its comments).

@@ -29,8 +29,8 @@ from absl import logging
 from tdlm_jax.errors import CheckpointError, TrainingError
 from tdlm_jax.inference import generation
 from tdlm_jax.inference.trained import TrainedModel
-from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics import health, run_writer
+from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.aggregation import perplexity
 from tdlm_jax.metrics.health_thresholds import thresholds_from_config
 from tdlm_jax.metrics.writers import MetricWriter

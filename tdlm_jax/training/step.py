@@ -22,15 +22,14 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from tdlm_jax.model import autoregressive
-
-from tdlm_jax.parallel import sharding
 from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess, corrupt
 from tdlm_jax.diffusion.loss import correct_predictions, num_valid_tokens, weighted_token_losses
-from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics import research
+from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.advanced import advanced_metrics
 from tdlm_jax.metrics.tier1 import correct_rows, tier1_metrics
+from tdlm_jax.model import autoregressive
+from tdlm_jax.parallel import sharding
 
 
 @struct.dataclass
