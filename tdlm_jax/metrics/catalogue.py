@@ -22,11 +22,11 @@ from collections.abc import Iterable, Sequence
 
 BUCKETS = ("low", "medium", "high")  # corruption buckets, by masking rate (metrics.bucket_edges)
 
-# Tiers, with the config key of their logging interval.
+# Tiers, with the config key of their logging interval (validation and samples: every
+# training.eval_every_n_steps).
 TIER1, TIER2, TIER3, SUMMARY = "tier 1", "tier 2", "tier 3", "summary"
 INTERVALS = {TIER1: "training.logging_steps", TIER2: "training.detailed_metrics_steps",
              TIER3: "training.attention_analysis_steps"}
-EVAL_INTERVAL = "training.eval_every_n_steps"
 COUNT_UNITS = ("tokens", "sequences", "updates", "steps", "alerts")
 
 
@@ -40,12 +40,7 @@ class Metric:
     definition: str
     missing: str | None = None  # when the value is missing; None: never
     diffusion_only: bool = False  # not logged by the autoregressive baseline (it masks nothing)
-    every: str = ""  # the config key of its logging interval; "" = its tier's
     kind: str = "scalar"  # or "text"
-
-    @property
-    def interval(self) -> str:
-        return self.every or INTERVALS.get(self.tier, "")
 
     @property
     def is_count(self) -> bool:
@@ -137,12 +132,11 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric(TOTAL_MASKED_TOKENS, TIER1, "tokens", "masked valid tokens in the global batch", diffusion_only=True),
     Metric(VALID_RATIO, TIER1, "fraction", "masks drawn on real tokens / all masks drawn (padding draws masks too)",
            missing="no mask was drawn", diffusion_only=True),
-    Metric(VAL_LOSS, TIER1, "nats/token", "exact-weight NELBO (AR: exact NLL) pooled over the fixed validation batches",
-           every=EVAL_INTERVAL),
-    Metric(VAL_PERPLEXITY, TIER1, "", "exp(val/loss)", every=EVAL_INTERVAL),
-    Metric(VAL_BITS_PER_TOKEN, TIER1, "bits/token", "val/loss / ln 2", every=EVAL_INTERVAL),
+    Metric(VAL_LOSS, TIER1, "nats/token", "exact-weight NELBO (AR: exact NLL) pooled over the fixed validation batches"),
+    Metric(VAL_PERPLEXITY, TIER1, "", "exp(val/loss)"),
+    Metric(VAL_BITS_PER_TOKEN, TIER1, "bits/token", "val/loss / ln 2"),
     Metric(VAL_MASK_ACCURACY, TIER1, "fraction", "mask accuracy on the validation batches",
-           missing="the validation batches have no masked valid token", diffusion_only=True, every=EVAL_INTERVAL),
+           missing="the validation batches have no masked valid token", diffusion_only=True),
     Metric(BUCKET_ACCURACY, TIER2, "fraction", "correct argmax predictions over the masked valid tokens of the bucket",
            missing="the bucket has no masked valid token", diffusion_only=True),
     Metric(BUCKET_COUNT, TIER2, "sequences", "sequences in the bucket", diffusion_only=True),
@@ -177,9 +171,9 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric(BEST_VAL_LOSS, SUMMARY, "nats/token", "the lowest val/loss of the run", missing="no finite val/loss"),
     Metric(ALERTS_TOTAL, SUMMARY, "alerts", "health alerts started during the run"),
     Metric(ALERT_STARTS, SUMMARY, "alerts", "starts of one health rule's alert"),
-    Metric(SAMPLE_TEXT, TIER1, "text", "a sample from the evaluated parameters", kind="text", every=EVAL_INTERVAL,
+    Metric(SAMPLE_TEXT, TIER1, "text", "a sample from the evaluated parameters", kind="text",
            diffusion_only=True),
-    Metric(ALERT_TEXT, TIER1, "text", "a health alert's start or clear", kind="text", every=""),
+    Metric(ALERT_TEXT, TIER1, "text", "a health alert's start or clear", kind="text"),
     Metric(HPARAMS_TEXT, SUMMARY, "text", "the resolved config, as a table", kind="text"),
 )
 
