@@ -3,6 +3,7 @@
 import json
 import logging
 import pathlib
+import re
 import runpy
 import types
 
@@ -303,6 +304,30 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, caplog):
         docs = documents.load_documents(str(path))
     assert docs == ["café \ufffd na\ufffdve \ufffd"]
     assert "2 invalid UTF-8" in caplog.text  # the U+FFFD already in the file is not counted
+
+
+def test_files_stream_in_pieces_that_join_to_what_a_whole_read_gives(tmp_path, monkeypatch, caplog):
+    """The token cache reads files in blocks and cuts documents into pieces (bounded memory):
+    the documents, and the count of invalid UTF-8, must be those of one read of the file."""
+    monkeypatch.setattr(documents, "MAX_PIECE_CHARS", 40)
+    monkeypatch.setattr(sources, "READ_BLOCK_BYTES", 7)  # cuts characters and U+FFFD's bytes
+    raw = ("première ligne\n\n  \t\nsecond   paragraph, with words that go on and on and on past forty\n"
+           "\n\n\n" + "y" * 100 + "\n \n" + "λόγος  " * 30 + "\ufffd").encode() + b"na\xefve \xff\xfe end\n\n"
+    (tmp_path / "t.txt").write_bytes(raw)
+    text = raw.decode("utf-8", errors="replace")
+    paragraphs = [block.strip("\n") for block in re.split(r"\n[ \t]*\n", text) if block.strip()]
+    for mode, expected in (("file", [text]), ("paragraph", paragraphs)):
+        with caplog.at_level(logging.WARNING):
+            pieces = list(documents.file_pieces(str(tmp_path / "t.txt"), txt_documents=mode))
+        assert list(documents.joined(pieces)) == expected, mode
+        assert len(pieces) > 10 and max(len(piece) for piece, _ in pieces) <= 40
+        assert caplog.text.count("3 invalid UTF-8") == 1  # the file's own U+FFFD is not counted
+        caplog.clear()
+    # JSON Lines are read line by line, split at "\n" only: a raw U+2028 is legal inside a string.
+    records = ["a\u2028b " * 20, "short", "x"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": r}, ensure_ascii=False) + "\n" for r in records),
+                                      encoding="utf-8")
+    assert documents.load_documents(str(tmp_path / "d.jsonl")) == records
 
 
 def test_no_match_names_the_glob(tmp_path):

@@ -7,11 +7,13 @@ import os
 import pathlib
 import pickle
 import runpy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from tdlm_jax.data import cache, dataset, pipeline, subword, throughput, tokenizer
+from tdlm_jax.data import cache, dataset, documents, pipeline, subword, throughput, tokenizer
 from tdlm_jax.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -36,8 +38,10 @@ def _expected_windows(docs, packing, seq_len=8):
     return pipeline.pack(ids, seq_len, BYTE.pad_id, packing)
 
 
-@pytest.mark.parametrize("packing", ["wrap", "pad"])
-def test_cached_windows_equal_packing_in_memory(tmp_path, packing):
+@pytest.mark.parametrize("packing, piece_chars", [("wrap", None), ("pad", None), ("pad", 3)])
+def test_cached_windows_equal_packing_in_memory(tmp_path, monkeypatch, packing, piece_chars):
+    if piece_chars:  # documents tokenized in pieces still end (and pad) where the documents end
+        monkeypatch.setattr(documents, "MAX_PIECE_CHARS", piece_chars)
     source = _jsonl(tmp_path / "d.jsonl", DOCS)
     splits = dataset.split_windows(_data(source, tmp_path / "cache", packing=packing), BYTE)
     for split, docs in (("train", DOCS[:6]), ("val", DOCS[6:])):  # 0.25 of 8 documents held out
@@ -60,6 +64,27 @@ def test_single_document_is_split_by_tokens(tmp_path):
     assert token_cache.val.tokens[-1] == BYTE.eos_id and token_cache.train.tokens.dtype == np.uint16
     with pytest.raises(DataError, match=r"too short for seq_len=32.*validation 25 tokens"):
         dataset.training_windows(_data(tmp_path / "one.txt", tmp_path / "cache", seq_len=32), BYTE)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak from Linux's /proc")
+def test_a_one_line_file_builds_its_cache_in_bounded_memory(tmp_path):
+    """The whole file was once read, decoded and encoded at once: a 200 MB line peaked at 3 GB."""
+    size_mb = 96
+    line = ("thou art the king é λόγος " * 4000).encode()
+    with open(tmp_path / "one.txt", "wb") as f:
+        for _ in range(size_mb * (1 << 20) // len(line)):
+            f.write(line)
+    # VmHWM, not ru_maxrss: the latter keeps the peak of the forking pytest process.
+    script = ("import re, runpy; from tdlm_jax.data import cache, tokenizer; "
+              f"data = runpy.run_path({str(REPO / 'configs' / 'base.py')!r})['get_config']().data; "
+              f"data.update(source={str(tmp_path / 'one.txt')!r}, cache_dir={str(tmp_path / 'cache')!r}); "
+              "c = cache.open_or_build(data, tokenizer.ByteTokenizer()); "
+              "print(c.train.num_tokens + c.val.num_tokens, "
+              "re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    num_tokens, peak_mb = int(out[0]), int(out[1]) / 1024
+    assert num_tokens == os.path.getsize(tmp_path / "one.txt") + 1  # bytes + EOS
+    assert peak_mb < size_mb * 2, f"peak {peak_mb:.0f} MB building the cache of a {size_mb} MB file"
 
 
 def test_cache_is_reused_and_keyed_on_what_determines_the_tokens(tmp_path, caplog):

@@ -8,7 +8,7 @@ import runpy
 import numpy as np
 import pytest
 
-from tdlm_jax.data import dataset, subword, tokenizer
+from tdlm_jax.data import dataset, documents, sources, subword, tokenizer
 from tdlm_jax.errors import ConfigError, DataError
 from tdlm_jax.training import config as config_lib
 
@@ -69,6 +69,18 @@ def test_round_trips_and_special_ids(bpe_dir, sentencepiece_model):
         batch = tok.encode_batch([TEXT, "", "Hello world"])
         assert [ids.tolist() for ids in batch] == [tok.encode(t).tolist() for t in (TEXT, "", "Hello world")], tok.name
         assert all(ids.dtype == np.int32 for ids in batch)
+
+
+def test_a_long_document_in_pieces_tokenizes_to_the_document_s_ids(bpe_dir, sentencepiece_model, monkeypatch):
+    """The token cache encodes long documents piece by piece (tdlm_jax.data.documents): its cut,
+    before a space that follows a word, must be where every tokenizer starts a token anyway."""
+    monkeypatch.setattr(documents, "MAX_PIECE_CHARS", 300)
+    text = sources.shakespeare_text()[:30_000] + "  two spaces,\ttabs \t and  ça va?  " * 20
+    pieces = [piece for piece, _ in documents.document_pieces(text)]
+    assert len(pieces) > 100 and "".join(pieces) == text
+    for tok in _all_tokenizers(bpe_dir, sentencepiece_model):
+        in_pieces = np.concatenate([tok.encode(piece) for piece in pieces])
+        np.testing.assert_array_equal(in_pieces, tok.encode(text), err_msg=tok.name)
 
 
 def test_gpt2_is_the_real_gpt2():

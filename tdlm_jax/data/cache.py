@@ -41,14 +41,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tdlm_jax.data import documents, hf_source, sources
+from tdlm_jax.data import documents, hf_source
 from tdlm_jax.data.cache_key import ENV_DIR, FORMAT_VERSION, cache_identity, cache_root, entry_directory
 from tdlm_jax.data.tokenizer import Tokenizer
 from tdlm_jax.errors import DataError
 
 SPLITS = ("train", "val")
 _FLUSH_TOKENS = 1 << 22  # tokens buffered per write (16 MB of int32)
-_BATCH_DOCS, _BATCH_CHARS = 1024, 1 << 22  # documents per encode_batch call, at most
+_BATCH_DOCS, _BATCH_CHARS = 1024, 1 << 20  # documents (pieces) and characters per encode_batch call, at most
 
 
 class TokenStream:
@@ -212,16 +212,20 @@ class _Writer:
         self.offsets = array("q", [0])
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
+        self._written = 0  # tokens added, pieces of an unfinished document included
         self.max_id = -1
 
     @property
     def num_docs(self) -> int:
         return len(self.offsets) - 1
 
-    def add(self, ids: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, ends_document: bool = True) -> None:
+        """Appends a document's ids (or one piece of them; its last piece ends it)."""
         self._pending.append(ids)
         self._pending_tokens += len(ids)
-        self.offsets.append(self.offsets[-1] + len(ids))
+        self._written += len(ids)
+        if ends_document:
+            self.offsets.append(self._written)
         if self._pending_tokens >= _FLUSH_TOKENS:
             self._flush()
 
@@ -243,6 +247,8 @@ class _Writer:
             return
         chunk = np.concatenate(self._pending)
         self._pending, self._pending_tokens = [], 0
+        if not chunk.size:
+            return
         # The one pass over every id: a broken tokenizer file is caught here, before ids that do
         # not fit the embedding (or the uint16 file) are stored.
         low, high = int(chunk.min()), int(chunk.max())
@@ -255,19 +261,21 @@ class _Writer:
         chunk.astype(self._dtype).tofile(self._file)
 
 
-def _encoded(docs: Iterable[tuple[str, str]], tok: Tokenizer) -> Iterator[tuple[str, np.ndarray]]:
-    """(label, ids + EOS) of (label, text) documents, tokenized in batches."""
+def _encoded(pieces: Iterable[tuple[str, str, bool]], tok: Tokenizer) -> Iterator[tuple[str, np.ndarray, bool]]:
+    """(label, ids, ends) of (label, text, ends) document pieces, tokenized in batches; a
+    document's last piece gets EOS."""
     eos = np.array([tok.eos_id], np.int32)
     encode_batch = getattr(tok, "encode_batch", None) or (lambda texts: [tok.encode(t) for t in texts])
-    batch: list[tuple[str, str]] = []
+    batch: list[tuple[str, str, bool]] = []
     chars = 0
 
-    def flush() -> Iterator[tuple[str, np.ndarray]]:
-        for (label, _), ids in zip(batch, encode_batch([text for _, text in batch])):
-            yield label, np.concatenate([np.asarray(ids, np.int32).reshape(-1), eos])
+    def flush() -> Iterator[tuple[str, np.ndarray, bool]]:
+        for (label, _, ends), ids in zip(batch, encode_batch([text for _, text, _ in batch])):
+            ids = np.asarray(ids, np.int32).reshape(-1)
+            yield label, (np.concatenate([ids, eos]) if ends else ids), ends
 
-    for label, text in docs:
-        batch.append((label, text))
+    for label, text, ends in pieces:
+        batch.append((label, text, ends))
         chars += len(text)
         if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
             yield from flush()
@@ -289,8 +297,8 @@ def _write_local_splits(temporary: str, data: ml_collections.ConfigDict, tok: To
     all_path = os.path.join(temporary, "all.bin")
     writer = _Writer(all_path, dtype, tok, data.source)
     try:
-        for _, ids in _encoded((("all", doc) for doc in _local_documents(data)), tok):
-            writer.add(ids)
+        for _, ids, ends in _encoded((("all", *piece) for piece in _local_pieces(data)), tok):
+            writer.add(ids, ends)
     except BaseException:
         writer.abort()
         raise
@@ -331,8 +339,9 @@ def _write_stream_splits(temporary: str, data: ml_collections.ConfigDict, tok: T
                                           val_fraction=data.val_fraction,
                                           max_documents=int(data.get("hf_max_documents", 0)))
     try:
-        for label, ids in _encoded(labeled, tok):
-            writers[label].add(ids)
+        pieces = ((label, *piece) for label, doc in labeled for piece in documents.document_pieces(doc))
+        for label, ids, ends in _encoded(pieces, tok):
+            writers[label].add(ids, ends)
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -350,14 +359,10 @@ def _write_stream_splits(temporary: str, data: ml_collections.ConfigDict, tok: T
     return counts, max(w.max_id for w in writers.values()), "stream"
 
 
-def _local_documents(data: ml_collections.ConfigDict) -> Iterator[str]:
-    """A local source's documents, one file at a time (a large corpus is never all in memory)."""
-    if data.source == sources.SHAKESPEARE:
-        yield sources.shakespeare_text()
-        return
-    for path in sources.resolve_paths(data.source):
-        yield from documents.read_file_documents(path, txt_documents=data.get("txt_documents", "file"),
-                                                 text_field=data.get("text_field", "text"))
+def _local_pieces(data: ml_collections.ConfigDict) -> Iterator[documents.Piece]:
+    """A local source's documents as pieces: no file or document is ever whole in memory."""
+    return documents.source_pieces(data.source, txt_documents=data.get("txt_documents", "file"),
+                                   text_field=data.get("text_field", "text"))
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:

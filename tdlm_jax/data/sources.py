@@ -11,11 +11,13 @@ import pulls in heavy dependencies we do not need.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import glob
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 
 import numpy as np
 from absl import logging
@@ -165,6 +167,9 @@ def _read_text_file(path: str) -> str:
 # A file with NUL bytes, or with more invalid UTF-8 sequences than both of these, is not text.
 BINARY_FRACTION = 0.01  # per byte
 BINARY_MIN_INVALID = 16
+READ_BLOCK_BYTES = 1 << 22  # what read_utf8_blocks reads at a time
+_NUL_WINDOW = 65536  # NUL bytes are looked for in the file's first bytes only
+_ENCODED_FFFD = "\ufffd".encode("utf-8")
 
 
 def read_utf8(path: str) -> str:
@@ -173,22 +178,48 @@ def read_utf8(path: str) -> str:
     A few bad bytes in a large scraped corpus should not stop a run, but they should not
     pass unnoticed either.
     """
+    return "".join(read_utf8_blocks(path))
+
+
+def read_utf8_blocks(path: str, block_bytes: int | None = None) -> Iterator[str]:
+    """`read_utf8` in pieces of about `block_bytes`: a file of any size in bounded memory.
+
+    The pieces join to exactly what one decode of the whole file gives (a character or an
+    invalid sequence cut by a block edge is decoded across it), and the binary-file checks
+    are the same: they use the file's size, so a binary file is refused as soon as it shows.
+    """
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        size = os.path.getsize(path)
+        file = open(path, "rb")
     except OSError as e:
         raise DataError(f"cannot read data file {path!r} ({e.strerror}): {_SOURCE_FIX}") from None
-    text = raw.decode("utf-8", errors="replace")
-    # U+FFFD characters that were already in the file are not replacements.
-    replaced = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
-    # A few bad bytes are a scraped corpus; NUL bytes or many bad bytes are a binary file
-    # (an archive, an array, a model) given as text, which must not be trained on silently.
-    if b"\0" in raw[:65536] or replaced > max(BINARY_MIN_INVALID, BINARY_FRACTION * len(raw)):
-        raise DataError(f"data file {path!r} looks binary, not text ({replaced} invalid UTF-8 sequences in "
-                        f"{len(raw)} bytes): {_SOURCE_FIX}")
+    block_bytes = block_bytes or READ_BLOCK_BYTES
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    limit = max(BINARY_MIN_INVALID, BINARY_FRACTION * size)
+    replaced, tail = 0, b""
+    with file:
+        while True:
+            try:
+                raw = file.read(block_bytes)
+            except OSError as e:
+                raise DataError(f"cannot read data file {path!r} ({e.strerror}): {_SOURCE_FIX}") from None
+            text = decoder.decode(raw, final=not raw)
+            # U+FFFD characters that were already in the file are not replacements (`tail`
+            # catches an encoded U+FFFD cut by the block edge, counted once).
+            replaced += text.count("\ufffd") - (tail + raw).count(_ENCODED_FFFD)
+            tail = raw[-2:]
+            # NUL bytes or many bad bytes are a binary file (an archive, an array, a model)
+            # given as text, which must not be trained on silently.
+            start = file.tell() - len(raw)
+            if b"\0" in raw[: max(0, _NUL_WINDOW - start)] or replaced > limit:
+                raise DataError(f"data file {path!r} looks binary, not text ({replaced} invalid UTF-8 sequences "
+                                f"in {size} bytes): {_SOURCE_FIX}")
+            if text:
+                yield text
+            if not raw:
+                break
     if replaced:
         logging.warning("data file %s: %d invalid UTF-8 sequence(s) replaced with U+FFFD", path, replaced)
-    return text
 
 
 def _join_documents(texts: list[str]) -> str:
