@@ -149,7 +149,7 @@ def main(argv: list[str]) -> None:
         _interrupted(f"interrupted at step {summary['interrupted_at_step']}; checkpoint saved in {workdir}; "
                      "run the same command to resume", at_once=False)
     elif "finished_at_step" not in summary:
-        logging.info("done: %s (workdir %s)", summary, workdir)
+        logging.info("done: the run is in %s; `python -m tdlm_jax.report --workdir=%s` writes its report.html", workdir, workdir)
 
 
 def _interrupted(message: str, at_once: bool = True) -> None:

@@ -51,6 +51,20 @@ def cli_run(tmp_path_factory):
     return workdir, result
 
 
+def test_the_default_run_shows_every_tier_and_the_long_preset_keeps_the_guide_s_frequencies():
+    def training(name):
+        return runpy.run_path(str(REPO / "configs" / name))["get_config"]().training
+
+    base = training("base.py")
+    fired = {key: base.num_steps // base[key]  # the loop's `step % period == 0`
+             for key in ("detailed_metrics_steps", "attention_analysis_steps", "eval_every_n_steps")}
+    assert fired["detailed_metrics_steps"] >= 6 and fired["attention_analysis_steps"] >= 3
+    assert fired["eval_every_n_steps"] >= 6
+    assert all(base[key] % base.logging_steps == 0 for key in fired)  # aligned with tier-1 rows
+    owt = training("owt_gpt2_small.py")
+    assert (owt.logging_steps, owt.detailed_metrics_steps, owt.attention_analysis_steps) == (100, 500, 2000)
+
+
 def test_cli_writes_the_workdir(cli_run):
     workdir, _ = cli_run
     assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= set(os.listdir(workdir))
@@ -61,6 +75,23 @@ def test_cli_writes_the_workdir(cli_run):
     assert summary["summary/best_val_loss"] == min(r["val/loss"] for r in jsonl.read(workdir / "metrics.jsonl")
                                                    if "val/loss" in r)
     assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [4, 6]
+
+
+def test_cli_console_is_short_lines_with_progress(cli_run):
+    """Not a terminal (a pipe here): no bar, and each logging step's line carries the progress."""
+    _, result = cli_run
+    log = result.stderr
+    assert "compiling the train step…" in log and "the train step ready in" in log
+    assert "compiling the train step with tier-2 metrics…" in log and "evaluation and sampling ready in" in log
+    train_lines = [line for line in log.splitlines() if "] step " in line]
+    assert [line.split("] step ")[1].split(" |")[0] for line in train_lines] == ["2/6 33%", "4/6 66%", "6/6 100%"]
+    assert all("step/s" in line and "tok/s" in line and "loss " in line for line in train_lines)
+    assert "ETA" in train_lines[0] and "ETA" not in train_lines[-1]
+    assert "research step 4 (buckets low/med/high) | loss " in log
+    assert "samples at step 4:\n  [0] ROMEO:" in log  # a text block, not an escaped repr
+    assert "run summary (all of it in summary.json):\n  steps             6\n" in log
+    assert "%|" not in log  # no progress bar outside a terminal
+    assert max(len(line) for line in log.splitlines() if "console.py" in line) < 300
 
 
 def test_cli_logs_every_tier1_name_to_jsonl_and_tensorboard(cli_run):

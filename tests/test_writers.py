@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-from absl import logging
 
 from tdlm_jax.metrics import jsonl, run_writer, writers
 from tdlm_jax.metrics.formatting import format_number
@@ -76,18 +75,6 @@ def test_jsonl_appends_across_writers(tmp_path):
 def test_jsonl_rejects_step_metric(tmp_path):
     with pytest.raises(ValueError, match="reserved"):
         writers.JsonlWriter(str(tmp_path / "m.jsonl")).write_scalars(1, {"step": 1.0})
-
-
-def test_console_format(monkeypatch):
-    lines = []
-    monkeypatch.setattr(logging, "info", lambda msg, *args: lines.append(msg % args if args else msg))
-    writer = writers.ConsoleWriter()
-    writer.write_scalars(100, {"train/loss": 3.1, "metrics/acc": None, "tokens": 1_234_567.0})
-    writer.write_texts(100, {"samples/0": "a\nb"})
-    writer.write_hparams({"model": {"d": 64}})
-    assert lines[0] == "step 100 | train/loss=3.1000 | metrics/acc=n/a | tokens=1234567"
-    assert lines[1] == "step 100 | samples/0: 'a\\nb'"
-    assert lines[2] == "hparams | model.d=64"
 
 
 @pytest.mark.parametrize(

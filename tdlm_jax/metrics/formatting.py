@@ -1,4 +1,4 @@
-"""The one number formatter of the console, alerts, the run report, the sweep comparison and
+"""The number formatters of the console, alerts, the run report, the sweep comparison and
 the evaluation table, so a value reads the same wherever it is shown."""
 
 from __future__ import annotations
@@ -22,3 +22,23 @@ def format_number(value: Any, missing: str = "n/a") -> str:
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
         return f"{value:.4e}"
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
+
+
+def thousands(value: float | None) -> str:
+    """A rate for a glance: 12700.0 -> 12.7k, 3.2e6 -> 3.2M."""
+    if value is None:
+        return "n/a"
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+def duration(seconds: float) -> str:
+    """A time for a glance: 12s, 4m50s, 1h05m."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from tdlm_jax.metrics import writers
+from tdlm_jax.metrics.console import Console
 from tdlm_jax.metrics.jsonl import METRICS_FILE
 from tdlm_jax.metrics.wandb_writer import WandbWriter
 
@@ -21,6 +22,7 @@ def create_default_writer(
     wandb_project: str = "",
     wandb_entity: str = "",
     config: Mapping[str, Any] | None = None,
+    console: writers.MetricWriter | None = None,
 ) -> writers.MetricWriter:
     """TensorBoard at `workdir` + `workdir/metrics.jsonl` + console on process 0.
 
@@ -30,6 +32,8 @@ def create_default_writer(
     A non-empty `wandb_project` adds a `WandbWriter` (run name: the workdir's basename;
     wandb files and the persisted run id under `workdir`) whose run config is `config`.
     `wandb_entity` "" uses wandb's default entity. wandb itself is imported only then.
+    `console` is the console's writer (the trainer's has the progress bar), by default a
+    `tdlm_jax.metrics.console.Console` without one.
 
     A resumed run's files (rows and TensorBoard events) are cut back to its checkpoint by
     `tdlm_jax.training.rundir` before this opens them.
@@ -52,6 +56,6 @@ def create_default_writer(
     return writers.MultiWriter([
         writers.TensorBoardWriter(workdir),
         writers.JsonlWriter(os.path.join(workdir, METRICS_FILE)),
-        writers.ConsoleWriter(),
+        console if console is not None else Console(num_steps=0, terminal=False),
         *wandb_writers,
     ])

@@ -1,4 +1,5 @@
-"""Metric writers: the clu `MetricWriter` interface over TensorBoard, JSONL and console.
+"""Metric writers: the clu `MetricWriter` interface over TensorBoard and JSONL (the console's
+writer is `tdlm_jax.metrics.console`).
 
 clu itself needs TensorFlow, so this module re-implements its small interface on top of
 tensorboardX. A scalar value of `None` means "missing" (e.g. the accuracy of an empty
@@ -19,14 +20,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from absl import logging
 from tensorboardX import summary as tb_summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import RecordWriter, masked_crc32c
 
 from tdlm_jax.metrics import catalogue, jsonl
-from tdlm_jax.metrics.formatting import format_number
 
 Scalar = int | float | None
 
@@ -231,35 +230,12 @@ class JsonlWriter(MetricWriter):
         pass
 
 
-def _shown(name: str, value: Scalar) -> Scalar:
+def shown(name: str, value: Scalar) -> Scalar:
     """A catalogued count (tokens, sequences, ...) that is whole, as an int: 10, not 10.0000."""
     metric = catalogue.lookup(name)
     if metric is not None and metric.is_count and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
-
-
-class ConsoleWriter(MetricWriter):
-    """Logs one line per write through absl logging."""
-
-    def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
-        parts = [f"{k}={format_number(_shown(k, as_scalar(v)))}" for k, v in scalars.items()]
-        logging.info(" | ".join([f"step {int(step)}", *parts]))
-
-    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        # Escaped newlines keep one log line per write, so logs stay grep-able.
-        parts = [f"{k}: {text!r}" for k, text in texts.items()]
-        logging.info(" | ".join([f"step {int(step)}", *parts]))
-
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        parts = [f"{k}={v!r}" for k, v in flatten_hparams(hparams).items()]
-        logging.info(" | ".join(["hparams", *parts]))
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class MultiWriter(MetricWriter):

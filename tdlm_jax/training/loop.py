@@ -16,6 +16,7 @@ Everything the loop does to the device is asynchronous except on the steps that 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -32,6 +33,7 @@ from tdlm_jax.inference.trained import TrainedModel
 from tdlm_jax.metrics import health, run_writer
 from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.aggregation import perplexity
+from tdlm_jax.metrics.console import Console
 from tdlm_jax.metrics.health_thresholds import thresholds_from_config
 from tdlm_jax.metrics.writers import MetricWriter
 from tdlm_jax.parallel import sharding
@@ -91,6 +93,9 @@ def eval_samples(config: ml_collections.ConfigDict, run: setup.Run, params: Any,
     return {names.SAMPLE_TEXT.format(index=i): text for i, text in enumerate(texts)}
 
 
+_STEP_LABELS = {False: "the train step", True: "the train step with tier-2 metrics"}
+
+
 def _every(step: int, period: int, last: int) -> bool:
     return step % period == 0 or step == last
 
@@ -108,27 +113,43 @@ def _timed_commit(run: setup.Run, state: RunState) -> None:
     state.log.exclude(time.perf_counter() - tic)
 
 
-def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState, preemption: Preemption) -> None:
+def _first_call(console: Console, seen: set[str], label: str) -> contextlib.AbstractContextManager:
+    """The console's "compiling <label>…" the first time `label` runs (it compiles, or loads
+    from the persistent cache, then); nothing after."""
+    if label in seen:
+        return contextlib.nullcontext()
+    seen.add(label)
+    return console.compiling(label)
+
+
+def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState, preemption: Preemption,
+             console: Console) -> None:
     """Steps `state` from its step to `training.num_steps`, or until a SIGTERM or Ctrl-C."""
     tc = config.training
     log, iterator = state.log, run.data.train_iterator
     compiled: set[bool] = set()
+    first_calls: set[str] = set()
     recompiles = compilation.RecompileCheck("train_step")  # warns if it compiles more than once per variant
     for step in range(state.step + 1, tc.num_steps + 1):
         batch = sharding.global_batch(next(iterator), run.mesh)
         position, train_state = iterator.get_state(), state.train_state
         if run.is_diffusion and step % tc.attention_analysis_steps == 0:  # tier 3, on this step's inputs
-            tic = _synced_time(train_state)
-            rng = step_lib.step_rng(train_state.rng, train_state.step)
-            log.defer(step, run.analysis_fn(train_state.params, batch["tokens"], batch["valid"], rng))
-            log.exclude(_synced_time(train_state) - tic)
+            with _first_call(console, first_calls, "the tier-3 analysis"):
+                tic = _synced_time(train_state)
+                rng = step_lib.step_rng(train_state.rng, train_state.step)
+                log.defer(step, run.analysis_fn(train_state.params, batch["tokens"], batch["valid"], rng))
+                log.exclude(_synced_time(train_state) - tic)
         detailed = run.is_diffusion and step % tc.detailed_metrics_steps == 0
-        tic = _synced_time(train_state) if detailed not in compiled else None  # a first call compiles
-        train_state, metrics = run.train_fn(train_state, batch["tokens"], batch["valid"], detailed=detailed)
-        state.advance(train_state, step, position)
-        if tic is not None:
-            log.exclude(_synced_time(train_state) - tic)
+        if detailed in compiled:
+            train_state, metrics = run.train_fn(train_state, batch["tokens"], batch["valid"], detailed=detailed)
+        else:  # a first call compiles: timed, and left out of the throughput
+            with _first_call(console, first_calls, _STEP_LABELS[detailed]):
+                tic = _synced_time(train_state)
+                train_state, metrics = run.train_fn(train_state, batch["tokens"], batch["valid"], detailed=detailed)
+                log.exclude(_synced_time(train_state) - tic)
             compiled.add(detailed)
+        state.advance(train_state, step, position)
+        console.advance(step)
         recompiles.check(len(compiled))
         log.flush()  # earlier rows: their fetch overlaps this step's compute
         if log.consecutive_skips >= tc.max_consecutive_nonfinite:
@@ -140,11 +161,12 @@ def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState,
             log.defer(step, {k: v for k, v in metrics.items() if names.tier_of(k) == names.TIER2})
         if _every(step, tc.eval_every_n_steps, tc.num_steps):
             log.flush()
-            tic = _synced_time(train_state)
-            log.write(step, evaluate(run.eval_fn, train_state.eval_params(), run.data.eval_batches, run.eval_rng))
-            if run.is_diffusion and config.sampling.num_samples_at_eval:
-                log.writer.write_texts(step, eval_samples(config, run, train_state.eval_params(), step))
-            log.exclude(time.perf_counter() - tic)
+            with _first_call(console, first_calls, "evaluation and sampling"):
+                tic = _synced_time(train_state)
+                log.write(step, evaluate(run.eval_fn, train_state.eval_params(), run.data.eval_batches, run.eval_rng))
+                if run.is_diffusion and config.sampling.num_samples_at_eval:
+                    log.writer.write_texts(step, eval_samples(config, run, train_state.eval_params(), step))
+                log.exclude(time.perf_counter() - tic)
         committed = _every(step, tc.checkpoint_every_n_steps, tc.num_steps)
         if committed:
             _timed_commit(run, state)
@@ -188,8 +210,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
     primary = jax.process_index() == 0
     if primary:
         rundir.start(workdir, config, run.start_step, write_config)
+    # Other processes' consoles show no bar and log at WARNING (tdlm_jax.main): only problems.
+    console = Console(config.training.num_steps, run.start_step, terminal=None if primary else False)
     writer = run_writer.create_default_writer(workdir, wandb_project=config.logging.wandb_project,
-                                              wandb_entity=config.logging.wandb_entity, config=config.to_dict())
+                                              wandb_entity=config.logging.wandb_entity, config=config.to_dict(),
+                                              console=console)
     writer.write_hparams(config.to_dict())
     monitor = health.HealthMonitor(thresholds_from_config(config.health), writer,
                                    os.path.join(workdir, rundir.ALERTS_FILE) if primary else None)
@@ -202,7 +227,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
     stop_now = False
     try:
         with Preemption() as preemption:
-            run_loop(config, run, state, preemption)
+            run_loop(config, run, state, preemption, console)
     except KeyboardInterrupt:  # a second Ctrl-C: stop without saving, or waiting for a save
         stop_now = True
         _close_quietly(writer)
