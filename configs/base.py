@@ -102,12 +102,15 @@ def get_config() -> ml_collections.ConfigDict:
     # directory shared by a sweep's runs), 'none' turns it off.
     config.training.compilation_cache_dir = ""
 
-    # Samples written to the writers as text at every evaluation (0 samples turns it off).
+    # Samples drawn at every evaluation (0 turns it off): to <workdir>/samples.jsonl, report.html,
+    # TensorBoard and the console.
     config.sampling = ml_collections.ConfigDict()
     config.sampling.num_samples_at_eval = 2
     config.sampling.steps = 64
     config.sampling.method = "ancestral"  # 'ancestral', 'confidence' or 'random_remask'
-    config.sampling.prompt = "ROMEO:"
+    # What eval samples start with: 'auto' is "ROMEO:" on the built-in Shakespeare (its lines begin
+    # with a speaker's cue) and nothing on any other source; or any text shorter than seq_len.
+    config.sampling.prompt = "auto"
 
     config.metrics = ml_collections.ConfigDict()
     # Masking-rate edges of the low / medium / high corruption buckets.

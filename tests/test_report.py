@@ -109,6 +109,31 @@ def test_report_is_self_contained(full_page):
     assert "<script" not in rest and "<link" not in rest and "@import" not in rest and "url(" not in rest
 
 
+def test_samples_show_the_latest_in_full_and_sample_0_over_training(tmp_path):
+    workdir = write_workdir(tmp_path, tier1_rows(range(100, 300, 100)))
+    with open(tmp_path / "samples.jsonl", "w") as f:
+        for step in range(100, 2100, 100):
+            for index in (1, 0):
+                text = f"ROMEO: <b>step {step}</b> sample {index}\nsecond line " + "x" * 300 * (step == 2000)
+                f.write(json.dumps({"step": step, "index": index, "sampler": "ancestral", "steps": 64,
+                                    "prompt": "ROMEO:", "nfe": 60, "text": text}) + "\n")
+    page = run_report.build_report(workdir)
+    section = page[page.index('<section id="samples">'):].split("</section>")[0]
+    assert "Latest: step 2000" in section and "ancestral, 64 steps, 60 denoiser calls" in section
+    for index in (0, 1):  # the latest evaluation's samples, whole and escaped
+        assert f"ROMEO: &lt;b&gt;step 2000&lt;/b&gt; sample {index}\nsecond line " + "x" * 300 in section
+    evolution = section.split("Sample 0 over training")[1]
+    steps = [int(m) for m in re.findall(r'<td class="num">(\d+)</td>', evolution)]
+    assert steps == [100, 300, 400, 600, 800, 1000, 1100, 1300, 1500, 1700, 1800, 2000]  # evenly spread
+    assert "sample 1" not in evolution and evolution.count("…") == 1  # sample 0's 200 first characters
+    assert "<b>" not in section
+
+
+def test_a_run_without_samples_says_so(tmp_path):
+    page = run_report.build_report(write_workdir(tmp_path, tier1_rows(range(100, 300, 100))))
+    assert "no samples yet (no samples.jsonl in the workdir" in page
+
+
 def test_grouped_panels():
     names = ["research/high_corruption_accuracy", "research/low_corruption_accuracy",
              "research/medium_corruption_accuracy", "research/gradient_norm_medium_corruption",
@@ -261,4 +286,5 @@ def test_report_of_a_real_tiny_run(tmp_path):
                  "summary/best_val_loss", "training.num_steps"):
         assert name in page, name
     assert page.count("<figure") >= 15
+    assert "Latest: step 8" in page and "ROMEO:" in page  # samples.jsonl's rows
     assert "http" not in without_images(page)

@@ -65,6 +65,15 @@ def test_the_default_run_shows_every_tier_and_the_long_preset_keeps_the_guide_s_
     assert (owt.logging_steps, owt.detailed_metrics_steps, owt.attention_analysis_steps) == (100, 500, 2000)
 
 
+def test_the_auto_eval_prompt_is_the_built_in_source_s_cue_and_none_elsewhere():
+    config = tiny_config()
+    assert config.sampling.prompt == "auto" and config_lib.eval_prompt(config) == "ROMEO:"
+    config.data.source = "corpus/*.jsonl"
+    assert config_lib.eval_prompt(config) == ""
+    config.sampling.prompt = "Once upon"
+    assert config_lib.eval_prompt(config) == "Once upon"
+
+
 def test_cli_writes_the_workdir(cli_run):
     workdir, _ = cli_run
     assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= set(os.listdir(workdir))
@@ -75,6 +84,10 @@ def test_cli_writes_the_workdir(cli_run):
     assert summary["summary/best_val_loss"] == min(r["val/loss"] for r in jsonl.read(workdir / "metrics.jsonl")
                                                    if "val/loss" in r)
     assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [4, 6]
+    samples = jsonl.read(workdir / "samples.jsonl")  # every evaluation's samples, as data
+    assert [(s["step"], s["index"], s["sampler"], s["steps"], s["prompt"]) for s in samples] == [
+        (4, 0, "ancestral", 4, "ROMEO:"), (6, 0, "ancestral", 4, "ROMEO:")]  # 'auto' on Shakespeare
+    assert all(s["text"].startswith("ROMEO:") and 1 <= s["nfe"] <= 4 for s in samples)
 
 
 def test_cli_console_is_short_lines_with_progress(cli_run):
@@ -171,6 +184,9 @@ def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path):
 
     expected, got = after_step_4(full), after_step_4(resumed)
     assert len(expected) == len(got) > 0
+    # samples.jsonl was not cut by hand: the resume drops its rows after step 4 and draws them again.
+    assert jsonl.read(resumed / "samples.jsonl") == jsonl.read(full / "samples.jsonl")
+    assert [s["step"] for s in jsonl.read(full / "samples.jsonl")] == [4, 8]
     for e, g in zip(expected, got):
         assert e.keys() == g.keys()
         for k in e:

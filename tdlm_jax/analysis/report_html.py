@@ -40,6 +40,7 @@ figcaption { font-size: 12px; color: #444; margin-top: 2px; }
 figcaption code { font-weight: bold; color: #222; }
 .tables { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
 .alert-start { color: #c62828; font-weight: bold; }
+pre { white-space: pre-wrap; margin: 2px 0; font-size: 12px; }
 """
 
 # One line under a plot, for a reader new to the metrics (from the README and the guide).
@@ -119,6 +120,44 @@ def alerts_table(alerts: Sequence[Mapping[str, Any]], file_exists: bool) -> str:
             f'<th>message</th><th>meaning</th></tr>{"".join(rows)}</table>')
 
 
+EVOLUTION_ROWS = 12  # evaluations shown in the samples' evolution table, first and last included
+EVOLUTION_CHARS = 200  # of each sample there
+
+
+def evolution_steps(steps: Sequence[int], at_most: int = EVOLUTION_ROWS) -> list[int]:
+    """Up to `at_most` of the sorted distinct `steps`, evenly spread, the first and the last kept."""
+    distinct = sorted(set(steps))
+    if len(distinct) <= at_most:
+        return distinct
+    return sorted({distinct[round(i * (len(distinct) - 1) / (at_most - 1))] for i in range(at_most)})
+
+
+def samples_section(samples: Sequence[Mapping[str, Any]], file_exists: bool) -> str:
+    """The latest evaluation's samples in full, then sample 0 over the run's evaluations."""
+    if not samples:
+        why = "samples.jsonl has no rows" if file_exists else "no samples.jsonl in the workdir"
+        return (f'<section id="samples"><h2>Samples</h2><p class="note">no samples yet ({why}; drawn at '
+                'every evaluation when sampling.num_samples_at_eval &gt; 0)</p></section>')
+    last = max(s["step"] for s in samples)
+    latest = []
+    for s in sorted((s for s in samples if s["step"] == last), key=lambda s: s.get("index", 0)):
+        how = f'{s.get("sampler", "?")}, {s.get("steps", "?")} steps, {s.get("nfe", "?")} denoiser calls'
+        latest.append(f'<figure><figcaption>sample {escape(str(s.get("index", "")))} ({escape(how)})'
+                      f'</figcaption><pre>{escape(str(s.get("text", "")))}</pre></figure>')
+    first_sample = {s["step"]: s for s in sorted(samples, key=lambda s: -s.get("index", 0))}  # index 0 wins
+    rows = []
+    for step in evolution_steps(list(first_sample)):
+        text = str(first_sample[step].get("text", ""))
+        cut = text[:EVOLUTION_CHARS] + ("…" if len(text) > EVOLUTION_CHARS else "")
+        rows.append(f'<tr><td class="num">{step}</td><td><pre>{escape(cut)}</pre></td></tr>')
+    prompt = samples[-1].get("prompt") or ""
+    prompt_note = f' after the prompt "{escape(prompt)}"' if prompt else ""
+    return (f'<section id="samples"><h2>Samples</h2><p class="meta">Drawn at every evaluation with a fixed '
+            f'seed{prompt_note}, so they differ only by training (all of them in samples.jsonl). Latest: '
+            f'step {last}.</p><div class="grid">{"".join(latest)}</div><h3>Sample 0 over training</h3>'
+            f'<table><tr><th>step</th><th>text</th></tr>{"".join(rows)}</table></section>')
+
+
 def tier_section(title: str, plots: Sequence[tuple[Any, str]], empty_note: str) -> str:
     """A tier: a grid of plots with captions, or the note saying when data will come."""
     body = f'<p class="note">{escape(empty_note)}</p>'
@@ -166,7 +205,8 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
 def render_page(*, workdir: str, generated: str, status: str, notes: Sequence[str],
                 component_verdicts: Sequence[verdicts.Verdict], summary: Mapping[str, Any] | None,
                 latest: Sequence[tuple[str, int, float]], alerts: Sequence[Mapping[str, Any]],
-                alerts_file: bool, tiers: Sequence[tuple[str, Sequence[tuple[Any, str]], str]],
+                alerts_file: bool, samples: Sequence[Mapping[str, Any]], samples_file: bool,
+                tiers: Sequence[tuple[str, Sequence[tuple[Any, str]], str]],
                 config: Mapping[str, Any] | None) -> str:
     """The whole page."""
     note_html = "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
@@ -177,12 +217,13 @@ def render_page(*, workdir: str, generated: str, status: str, notes: Sequence[st
 <h1>tdlm_jax run report</h1>
 <p class="meta"><b>{escape(workdir)}</b> · {escape(status)} · generated {escape(generated)}</p>
 <p class="meta">Jump to: <a href="#verdicts">verdicts</a> · <a href="#summary">summary</a> ·
-<a href="#alerts">alerts</a> · {nav} · <a href="#config">config</a></p>{note_html}
+<a href="#alerts">alerts</a> · <a href="#samples">samples</a> · {nav} · <a href="#config">config</a></p>{note_html}
 <section id="verdicts"><h2>Verdicts</h2>
 <p class="meta">Following the metrics guide's "Healthy Training Indicators", from the latest logs.</p>
 <div class="cards">{"".join(verdict_card(v) for v in component_verdicts)}</div></section>
 <section id="summary"><h2>Summary</h2>{summary_tables(summary, latest)}</section>
 <section id="alerts"><h2>Alerts</h2>{alerts_table(alerts, alerts_file)}</section>
+{samples_section(samples, samples_file)}
 {"".join(tier_section(t, plots, note) for t, plots, note in tiers)}
 <section id="config"><h2>Config</h2>{config_tables(config)}</section>
 </body></html>

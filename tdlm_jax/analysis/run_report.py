@@ -277,6 +277,7 @@ def build_report(workdir: str, now: datetime.datetime | None = None) -> str:
     """The report of the run in `workdir`, as one self-contained HTML string."""
     rows, skipped = jsonl.read_counted(os.path.join(workdir, jsonl.METRICS_FILE))
     alerts, alert_skipped = jsonl.read_counted(os.path.join(workdir, jsonl.ALERTS_FILE))
+    samples, samples_skipped = jsonl.read_counted(os.path.join(workdir, jsonl.SAMPLES_FILE))
     config = jsonl.read_json(os.path.join(workdir, jsonl.CONFIG_FILE))
     summary = jsonl.read_json(os.path.join(workdir, jsonl.SUMMARY_FILE))
     history = build_history(rows)
@@ -288,12 +289,14 @@ def build_report(workdir: str, now: datetime.datetime | None = None) -> str:
     stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
     notes = [f"metrics.jsonl: skipped {skipped} unreadable line(s)"] if skipped else []
     notes += [f"alerts.jsonl: skipped {alert_skipped} unreadable line(s)"] if alert_skipped else []
+    notes += [f"samples.jsonl: skipped {samples_skipped} unreadable line(s)"] if samples_skipped else []
     return render_page(
         workdir=os.path.abspath(workdir), generated=stamp, status=run_status(history, config, summary),
         notes=notes, component_verdicts=[verdicts.forward_process_verdict(history),
                                          verdicts.reverse_process_verdict(history, weighting)],
         summary=summary, latest=_latest_values(history, catalogue.TIER1),
         alerts=alerts, alerts_file=os.path.exists(os.path.join(workdir, jsonl.ALERTS_FILE)),
+        samples=samples, samples_file=os.path.exists(os.path.join(workdir, jsonl.SAMPLES_FILE)),
         tiers=tier_sections(history, alerts, config), config=config)
 
 

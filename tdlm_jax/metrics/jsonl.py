@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 # The files of a run's workdir read and written through here (the rest: tdlm_jax.training.rundir).
-METRICS_FILE, ALERTS_FILE = "metrics.jsonl", "alerts.jsonl"
+METRICS_FILE, ALERTS_FILE, SAMPLES_FILE = "metrics.jsonl", "alerts.jsonl", "samples.jsonl"
 CONFIG_FILE, SUMMARY_FILE = "config.json", "summary.json"
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}

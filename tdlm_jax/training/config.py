@@ -147,8 +147,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= _get(config, "data.eval_batch_size"),
              "sampling.num_samples_at_eval", count, "must be an integer from 0 (off) to data.eval_batch_size")
     prompt = _get(config, "sampling.prompt")
-    _require(isinstance(prompt, str) and len(prompt.encode()) < _get(config, "data.seq_len"), "sampling.prompt",
-             prompt, "must be a string shorter than data.seq_len bytes")
+    _require(isinstance(prompt, str) and len(eval_prompt(config).encode()) < _get(config, "data.seq_len"),
+             "sampling.prompt", prompt, f"must be {AUTO_PROMPT!r} or a string shorter than data.seq_len bytes")
     thresholds_from_config(_get(config, "health"))  # raises ConfigError naming a bad health.* key
     # The mesh spans every device, so the batch splits into num_devices = data × fsdp row blocks,
     # and each process feeds its own share of them.
@@ -159,6 +159,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
                                  (process_count, "processes", "")):
             _require(size % count == 0, key, size,
                      f"does not divide over {count} {what}: use a multiple of {count}{why}")
+
+
+AUTO_PROMPT = "auto"
+_SOURCE_PROMPTS = {"shakespeare": "ROMEO:"}  # a speaker's cue, as the plays' lines begin
+
+
+def eval_prompt(config: ml_collections.ConfigDict) -> str:
+    """The text samples at evaluation start with: `sampling.prompt`, where 'auto' is the built-in
+    source's own kind of beginning ("ROMEO:" on Shakespeare) and none on any other source."""
+    prompt = config.sampling.prompt
+    return _SOURCE_PROMPTS.get(config.data.source, "") if prompt == AUTO_PROMPT else prompt
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:

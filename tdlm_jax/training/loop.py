@@ -34,6 +34,7 @@ from tdlm_jax.metrics import health, run_writer
 from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.aggregation import perplexity
 from tdlm_jax.metrics.console import Console
+from tdlm_jax.metrics.jsonl import SAMPLES_FILE
 from tdlm_jax.metrics.health_thresholds import thresholds_from_config
 from tdlm_jax.metrics.writers import MetricWriter
 from tdlm_jax.parallel import sharding
@@ -84,13 +85,15 @@ def evaluate(eval_fn: Callable, params: Any, batches: list[dict], rng: jax.Array
     return row
 
 
-def eval_samples(config: ml_collections.ConfigDict, run: setup.Run, params: Any, step: int) -> dict[str, str]:
-    """A few samples from the current parameters, with a fixed seed so evals are comparable."""
-    sc = config.sampling
+def eval_samples(config: ml_collections.ConfigDict, run: setup.Run, params: Any, step: int) -> list[dict[str, Any]]:
+    """A few samples from the current parameters, with a fixed seed so evals are comparable:
+    samples.jsonl's rows, less the step."""
+    sc, prompt = config.sampling, config_lib.eval_prompt(config)
     trained = TrainedModel(config=config, tokenizer=run.tokenizer, graphdef=run.graphdef, params=params, step=step)
-    texts, _ = generation.sample_texts(trained, num_samples=sc.num_samples_at_eval, steps=sc.steps,
-                                       method=sc.method, prompt=sc.prompt, seed=config.seed)
-    return {names.SAMPLE_TEXT.format(index=i): text for i, text in enumerate(texts)}
+    texts, nfe = generation.sample_texts(trained, num_samples=sc.num_samples_at_eval, steps=sc.steps,
+                                         method=sc.method, prompt=prompt, seed=config.seed)
+    return [{"index": i, "sampler": sc.method, "steps": sc.steps, "prompt": prompt, "nfe": nfe, "text": text}
+            for i, text in enumerate(texts)]
 
 
 _STEP_LABELS = {False: "the train step", True: "the train step with tier-2 metrics"}
@@ -165,7 +168,7 @@ def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState,
                 tic = _synced_time(train_state)
                 log.write(step, evaluate(run.eval_fn, train_state.eval_params(), run.data.eval_batches, run.eval_rng))
                 if run.is_diffusion and config.sampling.num_samples_at_eval:
-                    log.writer.write_texts(step, eval_samples(config, run, train_state.eval_params(), step))
+                    log.write_samples(step, eval_samples(config, run, train_state.eval_params(), step))
                 log.exclude(time.perf_counter() - tic)
         committed = _every(step, tc.checkpoint_every_n_steps, tc.num_steps)
         if committed:
@@ -220,7 +223,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
                                    os.path.join(workdir, rundir.ALERTS_FILE) if primary else None)
     interval_names = names.TIER1_STEP_NAMES if run.is_diffusion else names.TRAIN_STEP_NAMES
     log = MetricLog(writer, monitor, interval_names, config.training.batch_size * config.data.seq_len,
-                    run.start_step, rundir.best_logged_val_loss(workdir, run.start_step))
+                    run.start_step, rundir.best_logged_val_loss(workdir, run.start_step),
+                    samples_path=os.path.join(workdir, SAMPLES_FILE) if primary else None)
     if run.log_state is not None:
         log.load_state_dict(run.log_state)
     state = RunState(run.initial_state, run.start_step, run.data.train_iterator.get_state(), log)

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tdlm_jax.metrics import aggregation
+from tdlm_jax.metrics import aggregation, jsonl
 from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.health import HealthMonitor
 from tdlm_jax.metrics.writers import MetricWriter
@@ -29,8 +29,10 @@ class MetricLog:
     """Pending rows, the open interval, the health monitor, and the run's running figures."""
 
     def __init__(self, writer: MetricWriter, monitor: HealthMonitor, interval_names: tuple[str, ...],
-                 tokens_per_step: int, start_step: int, best_val_loss: float = math.inf):
+                 tokens_per_step: int, start_step: int, best_val_loss: float = math.inf,
+                 samples_path: str | None = None):
         self.writer, self.monitor, self.tokens_per_step = writer, monitor, tokens_per_step
+        self.samples_path = samples_path  # samples.jsonl on process 0, None elsewhere
         self.interval_names = interval_names
         self.interval = aggregation.empty_interval(interval_names)
         aggregation.accumulate(self.interval, {k: jnp.zeros(()) for k in interval_names})  # compile now
@@ -61,6 +63,14 @@ class MetricLog:
         val_loss = row.get(names.VAL_LOSS)
         if val_loss is not None:
             self.best_val_loss = min(self.best_val_loss, val_loss)
+
+    def write_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Eval samples (each with its index, text and how it was drawn): as text to the writers,
+        and as rows of samples.jsonl."""
+        self.writer.write_texts(step, {names.SAMPLE_TEXT.format(index=s["index"]): s["text"] for s in samples})
+        if self.samples_path is not None:
+            for sample in samples:
+                jsonl.append(self.samples_path, {"step": step, **sample})
 
     def flush(self) -> None:
         """Fetches and writes every pending row, in the order they were added."""

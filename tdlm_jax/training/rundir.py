@@ -30,7 +30,7 @@ from absl import logging
 from tdlm_jax.data.dataset import TOKENIZER_INFO
 from tdlm_jax.errors import CheckpointError, ConfigError
 from tdlm_jax.metrics import catalogue, jsonl
-from tdlm_jax.metrics.jsonl import ALERTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from tdlm_jax.metrics.jsonl import ALERTS_FILE, CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE
 from tdlm_jax.metrics.writers import drop_events_after, flatten_hparams
 from tdlm_jax.training.compilation import CACHE_SUBDIR
 from tdlm_jax.training.setup import CHECKPOINTS
@@ -39,7 +39,7 @@ from tdlm_jax.training.setup import CHECKPOINTS
 # by build_run, the compilation cache before it).
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, TOKENIZER_INFO, CACHE_SUBDIR)
 # The row files a resume cuts back to its checkpoint.
-ROW_FILES = (METRICS_FILE, ALERTS_FILE)
+ROW_FILES = (METRICS_FILE, ALERTS_FILE, SAMPLES_FILE)
 LOCK_FILE = ".lock"  # hidden: every host's start-up checks see it as no "other file"
 
 # Keys a resumed run may not change: they define the parameters' shapes, what the data
