@@ -9,9 +9,13 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from tdlm_jax.errors import CheckpointError
+from tdlm_jax.training import checkpoint
 from tdlm_jax.training.checkpoint import Checkpointer
 
 
@@ -70,6 +74,39 @@ def test_restore_state_only(tmp_path):
     with Checkpointer(str(tmp_path)) as ckpt:
         ckpt.save(1, state, _iterator())
         _assert_trees_equal(ckpt.restore(1, _abstract(state)), state)
+
+
+def _model_state():
+    """A real train state's kinds of nodes: flax Variables and optax's named states in a chain."""
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.proj = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+    _, params = nnx.split(Tiny())
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.asarray(3, jnp.int32)}
+
+
+def test_the_plain_layout_names_every_leaf_and_maps_back():
+    state = _model_state()
+    plain = checkpoint.to_plain(state)
+    assert set(plain["params"]["proj"]) == {"kernel", "bias"}  # no flax `value` box
+    np.testing.assert_array_equal(plain["params"]["proj"]["kernel"], state["params"]["proj"]["kernel"][...])
+    adam = plain["opt_state"]["1"]["0"]  # the chain's positions, then ScaleByAdamState's fields
+    assert set(adam) == {"count", "mu", "nu"} and set(adam["mu"]["proj"]) == {"kernel", "bias"}
+    _assert_trees_equal(checkpoint.from_plain(plain, state), state)
+
+
+def test_checkpoints_of_the_earlier_layout_still_restore(tmp_path):
+    """Before the plain layout, the pytree itself was the item `state`."""
+    state = _model_state()
+    manager = ocp.CheckpointManager(str(tmp_path))
+    manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    manager.wait_until_finished()
+    with Checkpointer(str(tmp_path)) as ckpt:
+        _assert_trees_equal(ckpt.restore(5, _abstract(state)), state)
+        ckpt.save(6, state)
+    assert "train_state" in os.listdir(tmp_path / "6") and "state" not in os.listdir(tmp_path / "6")
 
 
 def test_latest_step_and_max_to_keep(tmp_path):
@@ -164,6 +201,7 @@ _FAILED_RESTORE_SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from tdlm_jax.errors import CheckpointError
+from tdlm_jax.training import checkpoint
 from tdlm_jax.training.checkpoint import Checkpointer
 
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))

@@ -107,6 +107,28 @@ def test_cli_console_is_short_lines_with_progress(cli_run):
     assert max(len(line) for line in log.splitlines() if "console.py" in line) < 300
 
 
+def test_a_checkpoint_opens_with_plain_orbax_without_this_project(cli_run):
+    workdir, _ = cli_run
+    script = f"""
+import json, sys
+import orbax.checkpoint as ocp
+state = ocp.StandardCheckpointer().restore({str(workdir / "checkpoints" / "6" / "train_state")!r})
+assert not any(name.startswith("tdlm_jax") for name in sys.modules)
+def names(tree, prefix=""):
+    for key, value in tree.items():
+        yield from names(value, prefix + key + "/") if isinstance(value, dict) else [prefix + key]
+print(json.dumps({{"names": sorted(names(state)), "step": int(state["step"]),
+                  "embedding": state["params"]["embed"]["embedding"].tolist()}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    restored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert restored["step"] == 6 and not any(n.endswith("/value") for n in restored["names"])
+    assert {"opt_state/1/0/count", "opt_state/1/0/mu/embed/embedding", "params/embed/embedding"} <= set(restored["names"])
+    trained = load_trained(str(workdir), step=6)  # the project's own restore: the same values
+    np.testing.assert_array_equal(np.asarray(restored["embedding"], np.float32),
+                                  np.asarray(trained.params["embed"]["embedding"][...]))
+
+
 def test_cli_logs_every_tier1_name_to_jsonl_and_tensorboard(cli_run):
     workdir, _ = cli_run
     rows = jsonl.read(workdir / "metrics.jsonl")

@@ -1,10 +1,17 @@
 """Saving and restoring the training state and the data-iterator position.
 
 This is the only module of the project that imports orbax, so API changes of orbax stay
-contained here. A checkpoint at `<directory>/<step>` holds two items:
+contained here. A checkpoint at `<directory>/<step>` holds these items:
 
-  * `state`: an arbitrary pytree of jax arrays (params, optimizer state, step counter,
-    raw uint32 RNG key data), written with orbax's StandardSave;
+  * `train_state`: the training state (params, optimizer state, step counter, raw uint32
+    RNG key data) as plain nested dicts of arrays (`to_plain`), written with orbax's
+    StandardSave, so plain orbax reads it without this project:
+        ocp.StandardCheckpointer().restore("<workdir>/checkpoints/<step>/train_state")
+    gives {"params": {"blocks": {"0": {"attn": {"qkv": {"kernel": array}}}}}, "opt_state":
+    {"1": {"0": {"count", "mu", "nu"}}}, "step", ...}: the names of the parameters and of
+    optax's state fields, list positions as "0", "1", ... Checkpoints written before this
+    layout hold the pytree itself as `state` instead (flax's boxes as `value` keys); they
+    restore as before;
   * `data` (optional): the position of a grain `DatasetIterator`, written by grain's own
     orbax handler as one small JSON file per process;
   * `log` (optional): a JSON tree, the training loop's metric log (open interval, health
@@ -28,7 +35,8 @@ from tdlm_jax.errors import CheckpointError
 from tdlm_jax.metrics import jsonl
 
 # Item names inside a step directory; changing them breaks existing checkpoints.
-_STATE = "state"
+_TRAIN_STATE = "train_state"
+_OLD_STATE = "state"  # the pytree as is, before the plain layout
 _DATA = "data"
 _LOG = "log"
 _MAX_REASON_CHARS = 200
@@ -87,6 +95,41 @@ def _check_abstract_state(abstract_state: Any) -> None:
                 f"abstract_state leaf {jax.tree_util.keystr(path)} has no sharding; "
                 "build it with jax.ShapeDtypeStruct(shape, dtype, sharding=...)"
             )
+
+
+def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A leaf's path as names: dict keys, field names, list positions; the trailing `value` of
+    a flax Variable (a box around the array, not a name of the model's) left out."""
+    names = tuple(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+    if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        return names[:-1]
+    return names
+
+
+def to_plain(tree: Any) -> dict[str, Any]:
+    """`tree`'s leaves in nested dicts keyed by `_names`: what plain orbax restores."""
+    plain: dict[str, Any] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        *parents, last = _names(path)
+        node = plain
+        for name in parents:
+            node = node.setdefault(name, {})
+        if last in node:
+            raise ValueError(f"two leaves of the state are both named {'/'.join(_names(path))}")
+        node[last] = leaf
+    return plain
+
+
+def from_plain(plain: dict[str, Any], like: Any) -> Any:
+    """The tree of `like`'s structure holding the leaves of `plain` (`to_plain` of such a tree)."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, _ in paths:
+        node = plain
+        for name in _names(path):
+            node = node[name]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class Checkpointer:
@@ -163,7 +206,7 @@ class Checkpointer:
         if step in self._manager.all_steps():
             logging.info("Checkpoint at %s already exists; not saving it again.", self.step_directory(step))
             return
-        items = {_STATE: ocp.args.StandardSave(state)}
+        items = {_TRAIN_STATE: ocp.args.StandardSave(to_plain(state))}
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         if log_state is not None:
@@ -199,10 +242,14 @@ class Checkpointer:
         step = int(step)
         _check_abstract_state(abstract_state)
         self.wait_until_finished()  # a checkpoint still being written cannot be read
-        items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+        plain = os.path.isdir(os.path.join(self.step_directory(step), _TRAIN_STATE))
+        target = to_plain(abstract_state) if plain else abstract_state
+        name = _TRAIN_STATE if plain else _OLD_STATE
+        items = {name: ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self._restore_items(step, items)[_STATE]
+        restored = self._restore_items(step, items)[name]
+        return from_plain(restored, abstract_state) if plain else restored
 
     def restore_log(self, step: int) -> dict | None:
         """The `log_state` saved with checkpoint `step`, or None if it has none."""
