@@ -57,12 +57,13 @@ def check_invariants(result: dict) -> None:
 
 
 def test_uniform_predictor_scores_log_256():
-    tokens_NxL, valid_NxL = random_windows(61, 16)  # 61 rows: the last batch is padded
+    tokens_NxL, valid_NxL = random_windows(61, 128)  # 61 rows: the last batch is padded
     result = nelbo.estimate(uniform_model, None, tokens_NxL, valid_NxL, process=linear_process(),
-                            num_t_samples=2, batch_size=16, seed=0)
+                            num_t_samples=32, batch_size=16, seed=0)
     # E_t[w(t)·(1 − α(t))] = 1 for the linear schedule: the bound is log 256 in expectation.
     assert abs(result["eval/nelbo"] - math.log(256)) < 4 * result["eval/nelbo_stderr"]
-    assert result["eval/nelbo_stderr"] < 0.5
+    # Teeth: 4 standard errors stay below 0.28, the bias of clipped weights (5.27 against 5.55).
+    assert result["eval/nelbo_stderr"] < 0.05  # measured 0.029
     assert result["eval/num_sequences"] == 61 and result["eval/num_tokens"] == valid_NxL.sum()
     for row in result["curve"]:  # unweighted CE of a uniform predictor is log 256 at every level
         assert row["loss"] == pytest.approx(math.log(256), rel=1e-5)
