@@ -24,7 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by tdlm_j
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 8, "Number of samples, generated as one batch.")
 _STEPS = flags.DEFINE_integer("steps", 128, "Sampling steps (split evenly over blocks with --block_length).")
 # A string, not an enum, so that a bad name is a one-line error like every other user error.
-_SAMPLER = flags.DEFINE_string("sampler", "confidence", f"One of {', '.join(SAMPLERS)}: MDLM ancestral "
+# The default is the sampler with the best measured quality on base.py (README, Sampling).
+_SAMPLER = flags.DEFINE_string("sampler", "ancestral", f"One of {', '.join(SAMPLERS)}: MDLM ancestral "
                                "sampling, LLaDA low-confidence remasking, or LLaDA random remasking.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text every sample starts with.")
 _LENGTH = flags.DEFINE_integer("length", None, "Sample length in tokens, prompt included. Default: the "

@@ -79,6 +79,11 @@ CASES: dict[str, tuple[list[Row], list[list[Row]]]] = {
         [research(low_corruption_accuracy=0.45, low_corruption_count=9.0),
          research(low_corruption_accuracy=0.0, low_corruption_count=0.0)],
     ),
+    "zero_accuracy_medium_corruption": (
+        research(medium_corruption_accuracy=0.0, medium_corruption_count=11.0),
+        [research(medium_corruption_accuracy=0.3, medium_corruption_count=11.0),
+         research(medium_corruption_accuracy=0.0, medium_corruption_count=0.0)],
+    ),
     "zero_accuracy_high_corruption": (
         research(high_corruption_accuracy=0.0, high_corruption_count=10.0),
         [research(high_corruption_accuracy=0.2, high_corruption_count=10.0)],
@@ -141,7 +146,7 @@ CASES: dict[str, tuple[list[Row], list[list[Row]]]] = {
 
 
 def test_every_rule_has_a_case():
-    assert set(CASES) | {"zero_accuracy_medium_corruption"} == set(health.HealthMonitor(
+    assert set(CASES) == set(health.HealthMonitor(
         health_thresholds.HealthThresholds(), None, None).counts())
 
 
@@ -153,18 +158,18 @@ def test_rule_fires_on_bad_history_only(rule):
         assert started(good) == set(), good
 
 
-@pytest.mark.parametrize("rows", [
-    research(gradient_norm_ratio_high_to_low=0.01),
-    research(gradient_norm_ratio_high_to_low=20.0),
-    research(gradient_norm_high_corruption=math.nan),
-    series("advanced/hidden_state_norm", [0.01]),
-    series("advanced/hidden_state_norm", [math.inf]),
-    research(avg_loss_weight=0.1),
-    [(100, {"train/grad_norm": math.inf})],
-    [(100, {"train/skipped_steps": 0.0}), (200, {"train/skipped_steps": 2.0})],
+@pytest.mark.parametrize("rows, rule", [
+    (research(gradient_norm_ratio_high_to_low=0.01), "gradient_ratio_extreme"),
+    (research(gradient_norm_ratio_high_to_low=20.0), "gradient_ratio_extreme"),
+    (research(gradient_norm_high_corruption=math.nan), "high_corruption_gradient_vanishing"),
+    (series("advanced/hidden_state_norm", [0.01]), "hidden_state_norm_out_of_range"),
+    (series("advanced/hidden_state_norm", [math.inf]), "hidden_state_norm_out_of_range"),
+    (research(avg_loss_weight=0.1), "loss_weight_extreme"),
+    ([(100, {"train/grad_norm": math.inf})], "non_finite_training"),
+    ([(100, {"train/skipped_steps": 0.0}), (200, {"train/skipped_steps": 2.0})], "non_finite_training"),
 ])
-def test_more_bad_values_fire(rows):
-    assert len(started(rows)) == 1
+def test_more_bad_values_fire(rows, rule):
+    assert started(rows) == {rule}
 
 
 def test_expected_sign_is_configurable():

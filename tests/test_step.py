@@ -6,7 +6,7 @@ import pytest
 
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import step as step_lib
-from common import fresh_state, make_process, model_parts, random_batch, train_fn
+from common import BATCH, fresh_state, make_process, model_parts, random_batch, train_fn
 
 
 def run_step(num_devices, detailed, sampling="stratified"):
@@ -60,6 +60,10 @@ def test_detailed_step_applies_the_same_update_as_the_ordinary_step(sampling):
     assert_trees_close(plain_state.params, detailed_state.params)
     assert set(detailed) - set(plain) == {k for k in detailed if k.startswith("research/")}
     assert int(detailed_state.step) == int(plain_state.step) == 1
+    # The buckets partition the batch's rows: their losses add up to the step's loss.
+    bucket_losses = [float(detailed[f"research/{b}_corruption_loss"]) for b in ("low", "medium", "high")]
+    assert sum(bucket_losses) == pytest.approx(float(detailed["train/loss"]), rel=1e-5)
+    assert sum(int(detailed[f"research/{b}_corruption_count"]) for b in ("low", "medium", "high")) == BATCH
 
 
 def test_consecutive_steps_draw_different_noise_and_the_loss_falls():

@@ -53,7 +53,7 @@ def format_report(result: dict, *, workdir: str, split: str, seconds: float) -> 
         lines += ["", f"{result['gen/num_samples']} samples ({result['gen/sampler']}, {result['gen/steps']} steps, "
                       f"nfe {result['gen/nfe']}) scored by the AR model (float64):",
                   f"  gen/perplexity        {fmt(result['gen/perplexity'])}",
-                  f"  gen/unigram_entropy   {fmt(result['gen/unigram_entropy'])} nats (low: repetitive samples)"]
+                  f"  gen/unigram_entropy   {fmt(result['gen/unigram_entropy'])} nats (lower: more repetitive)"]
     return "\n".join(lines)
 
 
