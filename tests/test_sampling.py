@@ -84,6 +84,77 @@ def test_every_method_fills_masks_with_the_model_token_and_keeps_the_template(kw
     assert int(result.nfe) == len(calls)  # nfe counts the calls that really ran
 
 
+LENGTH = 16
+TOKEN_B = 43
+# Position i predicts TOKEN with probability P_A[i] and TOKEN_B otherwise, whatever the input.
+P_A = np.linspace(0.2, 0.8, LENGTH)
+# Confidence (the argmax's probability) by position, all distinct: the order a confidence
+# sampler must commit them in is the descending one.
+CONFIDENCE = np.random.default_rng(0).permutation(np.linspace(0.55, 0.95, LENGTH))
+
+
+def two_token_model(p_a_L: np.ndarray, inputs: list | None = None):
+    """Input-independent logits: mass p_a on TOKEN and 1 − p_a on TOKEN_B at each position."""
+    logits_LxV = np.full((len(p_a_L), VOCAB), -np.inf, np.float32)
+    logits_LxV[:, TOKEN], logits_LxV[:, TOKEN_B] = np.log(p_a_L), np.log1p(-p_a_L)
+
+    def model_fn(x_NxL, valid_NxL, t_N):
+        if inputs is not None:
+            jax.debug.callback(lambda x: inputs.append(np.asarray(x)), x_NxL)
+        return jnp.broadcast_to(jnp.asarray(logits_LxV), x_NxL.shape + (VOCAB,))
+
+    return model_fn
+
+
+ANCESTRAL_MODEL = two_token_model(P_A)
+
+
+@pytest.mark.parametrize("kwargs, exact", [(dict(method="ancestral"), True),
+                                           (dict(method="confidence", remasking="random"), True),
+                                           (dict(method="confidence"), False)],
+                         ids=["ancestral", "random_remask", "confidence"])
+def test_sampled_tokens_follow_the_model_s_probabilities_where_the_sampler_is_exact(kwargs, exact):
+    """With a context-free model, the exact samplers draw each position from its own
+    distribution, whenever they reveal it; committing the most confident draws first is
+    biased towards each position's likelier token."""
+    rows = 2048
+    tokens = np.asarray(run(ANCESTRAL_MODEL, np.full((rows, LENGTH), MASK, np.int32), steps=LENGTH,
+                            **kwargs).tokens_NxL)
+    assert np.isin(tokens, [TOKEN, TOKEN_B]).all()
+    frequency = (tokens == TOKEN).mean(axis=0)
+    standard_error = np.sqrt(P_A * (1 - P_A) / rows)
+    likelier = np.maximum(P_A, 1 - P_A)
+    likelier_frequency = np.where(P_A >= 0.5, frequency, 1 - frequency)
+    if exact:
+        assert (np.abs(frequency - P_A) < 4.5 * standard_error).all(), frequency - P_A
+    else:  # mode-seeking: the likelier token is over-represented, far beyond the noise
+        assert (likelier_frequency - likelier).mean() > 10 * standard_error.mean()
+
+
+def revealed_order(inputs: list[np.ndarray]) -> np.ndarray:
+    """For each row, the position revealed at each step, from the inputs of successive calls
+    (the last reveal is the one position still masked at the last call)."""
+    masked = np.stack([x == MASK for x in inputs])  # [calls, N, L]
+    order = [np.argmax(masked[k] & ~masked[k + 1], axis=-1) for k in range(len(inputs) - 1)]
+    return np.stack(order + [np.argmax(masked[-1], axis=-1)], axis=1)
+
+
+def test_confidence_commits_in_descending_confidence_and_random_remasking_in_any_order():
+    p_a = CONFIDENCE  # TOKEN is each position's argmax, with that probability
+    inputs = []
+    run(two_token_model(p_a, inputs), np.full((2, LENGTH), MASK, np.int32), steps=LENGTH, method="confidence",
+        temperature=0.0)
+    assert len(inputs) == LENGTH  # one commit per step
+    np.testing.assert_array_equal(revealed_order(inputs), np.tile(np.argsort(-p_a), (2, 1)))
+
+    inputs, rows = [], 1024
+    run(two_token_model(p_a, inputs), np.full((rows, LENGTH), MASK, np.int32), steps=LENGTH,
+        method="confidence", remasking="random", temperature=0.0)
+    first = revealed_order(inputs)[:, 0]
+    frequency = np.bincount(first, minlength=LENGTH) / rows  # uniform over the 16 positions
+    assert (np.abs(frequency - 1 / LENGTH) < 4.5 * np.sqrt((1 / LENGTH) * (1 - 1 / LENGTH) / rows)).all()
+
+
 def test_infilling_template_keeps_known_spans():
     template = np.full((2, 16), MASK, np.int32)
     template[:, ::3] = 9  # known tokens scattered between masks
