@@ -1,6 +1,9 @@
 """Tier-3 (advanced) metrics against numpy recomputations, and the model's internals path."""
 
+import dataclasses
 import functools
+import pathlib
+import runpy
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +12,14 @@ import pytest
 from flax import nnx
 
 from tdlm_jax.diffusion.corruption import corrupt
-from tdlm_jax.metrics import advanced
+from tdlm_jax.metrics import advanced, jsonl
 from tdlm_jax.parallel import sharding
+from tdlm_jax.training import config as config_lib
+from tdlm_jax.training import loop, setup
 from tdlm_jax.training import step as step_lib
 from common import MODEL, make_process, model_parts, random_batch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # B=3, L=5: a full row, a row ending in padding, and a row with no valid position at all.
 VALID = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], bool)
@@ -161,14 +168,38 @@ def test_analysis_step_is_the_same_on_one_and_four_devices():
     assert 0.0 <= one["advanced/attention_entropy"] <= np.log(random_batch()["tokens"].shape[1]) + 1e-6
 
 
-def test_analysis_step_analyses_the_batch_as_the_train_step_corrupts_it():
-    graphdef, params = model_parts()
-    batch, rng = random_batch(), jax.random.key(3)
-    corrupted = corrupt(make_process(), rng, batch["tokens"], batch["valid"])
-    _, internals = nnx.merge(graphdef, params)(corrupted.noisy_BxL, corrupted.valid_BxL, corrupted.t_B,
-                                               return_internals=True)
-    expected = advanced.advanced_metrics(internals["hidden_BxLxD"], internals["attention_probs_KxBxNxLxL"],
-                                         corrupted.valid_BxL)
-    got = run_analysis(1)
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, err_msg=name)
+def test_the_loop_analyses_the_very_batch_each_step_trains_on(tmp_path, monkeypatch):
+    """The analysis pass gets the step's tokens and the key the train step corrupts them with:
+    its corruption masks as many tokens as that step's update saw (metrics/total_masked_tokens
+    of a one-step logging interval), and its metrics are those of that corrupted batch."""
+    config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
+    config.training.update(num_steps=4, logging_steps=1, attention_analysis_steps=2, detailed_metrics_steps=100,
+                           eval_every_n_steps=100)
+    config.sampling.num_samples_at_eval = 0
+    analysed = {}
+    real_build_run = setup.build_run
+
+    def build_run(config, workdir):
+        run = real_build_run(config, workdir)
+        process = config_lib.forward_process(config, run.tokenizer.mask_id)
+
+        def recording_analysis(params, tokens, valid, rng):
+            metrics = run.analysis_fn(params, tokens, valid, rng)
+            batch = corrupt(process, rng, tokens, valid)
+            _, internals = nnx.merge(run.graphdef, params)(batch.noisy_BxL, batch.valid_BxL, batch.t_B,
+                                                          return_internals=True)
+            expected = advanced.advanced_metrics(internals["hidden_BxLxD"], internals["attention_probs_KxBxNxLxL"],
+                                                 batch.valid_BxL)
+            analysed[len(analysed)] = (int(batch.masked_BxL.sum()), jax.device_get(metrics), jax.device_get(expected))
+            return metrics
+
+        return dataclasses.replace(run, analysis_fn=recording_analysis)
+
+    monkeypatch.setattr(setup, "build_run", build_run)
+    loop.train(config, str(tmp_path / "run"))
+    trained = {row["step"]: row["metrics/total_masked_tokens"]
+               for row in jsonl.read(tmp_path / "run" / "metrics.jsonl") if "metrics/total_masked_tokens" in row}
+    assert [masked for masked, _, _ in analysed.values()] == [trained[2], trained[4]]
+    for _, got, expected in analysed.values():
+        for name in expected:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, err_msg=name)

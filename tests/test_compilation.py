@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tdlm_jax.errors import ConfigError
+from tdlm_jax.errors import CheckpointError, ConfigError
 from tdlm_jax.training import compilation, loop, rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -117,6 +117,11 @@ def test_a_nearly_full_disk_keeps_the_cache_off(tmp_path, monkeypatch, caplog):
 
 
 def test_a_workdir_holding_only_the_cache_is_a_run(tmp_path):
-    """The cache is created before any other run file, so a run stopped right after it resumes."""
-    os.makedirs(tmp_path / "compilation_cache")
-    rundir.ensure_writable(str(tmp_path))  # does not raise "holds other files"
+    """The cache is created before any other run file, so a run stopped right after it resumes;
+    a directory holding any other directory instead is refused."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    os.makedirs(run / "compilation_cache")
+    rundir.ensure_writable(str(run))  # does not raise "holds other files"
+    os.makedirs(other / "some_cache")
+    with pytest.raises(CheckpointError, match="holds other files"):
+        rundir.ensure_writable(str(other))

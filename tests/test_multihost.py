@@ -146,10 +146,17 @@ def test_sigterm_on_one_host_stops_both_at_the_same_checkpointed_step(runs):
     assert data_files == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]  # each host's position
 
 
-def test_only_process_zero_logs_progress(runs):
-    _, _, preempted, _, _, (out_0, out_1) = runs
+def test_only_process_zero_logs_and_writes_the_run_files(runs):
+    job, _, preempted, _, _, (out_0, out_1) = runs
     assert f"at step {preempted}" in out_0 and "joined a 2-process job (manual) as process 0" in out_0
     assert "resumed from" not in out_1 and "val/loss" not in out_1  # INFO lines of process 1 are dropped
+    # A second writer would show as repeated rows (`logged` folds them away) or extra event files.
+    pairs = [(row["step"], key) for row in jsonl.read(job / "metrics.jsonl") for key in row if key != "step"]
+    assert len(pairs) == len(set(pairs))  # no (step, metric) written twice
+    samples = [(row["step"], row["index"]) for row in jsonl.read(job / "samples.jsonl")]
+    assert samples and len(samples) == len(set(samples))
+    events = [n for n in os.listdir(job) if n.startswith("events.out.tfevents")]
+    assert len(events) == 2  # one per launch of the job (the first, and the resumed), both process 0's
 
 
 def test_two_process_fsdp_job_matches_the_single_process_run(runs):

@@ -2,9 +2,11 @@
 configs, unwritable workdirs; and determinism."""
 
 import json
+import math
 import os
 import pathlib
 import random
+import re
 import runpy
 import shutil
 import signal
@@ -79,18 +81,30 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(uninterrupted, 
     assert not (workdir / "checkpoints-corrupt").exists()  # nothing moved when nothing restores
 
 
-def test_model_change_on_resume_is_refused_and_harmless_changes_are_allowed(uninterrupted, tmp_path):
+@pytest.mark.parametrize("key, value", [("model.num_layers", 3), ("data.seq_len", 16), ("data.tokenizer", "gpt2"),
+                                        ("training.batch_size", 16), ("seed", 1),
+                                        ("metrics.bucket_edges", (0.0, 0.2, 0.8, 1.0))])
+def test_a_change_of_what_the_run_computes_is_refused_on_resume(uninterrupted, tmp_path, key, value):
+    workdir = tmp_path / "changed"
+    shutil.copytree(uninterrupted, workdir)
+    recorded = (workdir / "config.json").read_text()
+    config = tiny_config()
+    config.update_from_flattened_dict({key: value})
+    with pytest.raises(ConfigError, match=rf"resuming .* different {re.escape(key)} .*allow_config_change=true"):
+        loop.train(config, str(workdir))
+    assert (workdir / "config.json").read_text() == recorded
+
+
+def test_changes_of_how_the_run_evaluates_are_allowed_on_resume(uninterrupted, tmp_path):
     workdir = tmp_path / "changed"
     shutil.copytree(uninterrupted, workdir)
     config = tiny_config()
-    config.model.num_layers = 3
-    with pytest.raises(ConfigError, match=r"model.num_layers.*allow_config_change=true"):
-        loop.train(config, str(workdir))
-    config = tiny_config()
     config.training.num_steps = 10
     config.training.logging_steps = 1
+    config.data.num_eval_batches, config.data.eval_batch_size = 1, 4  # evaluation size, not the objective
     summary = loop.train(config, str(workdir))
     assert summary["summary/total_steps"] == 10
+    assert json.loads((workdir / "config.json").read_text())["data"]["num_eval_batches"] == 1
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
@@ -211,7 +225,12 @@ def test_a_text_file_with_one_extremely_long_line_trains(tmp_path):
     config.data.source = str(corpus)
     config.training.num_steps = 2
     summary = loop.train(config, str(tmp_path / "run"))
-    assert summary["summary/total_steps"] == 2
+    assert summary["summary/total_steps"] == 2 and math.isfinite(summary["summary/final_loss"])
+    from tdlm_jax.data import cache, tokenizer
+
+    token_cache = cache.open_or_build(config.data, tokenizer.ByteTokenizer())  # the run's own entry
+    assert not token_cache.built and token_cache.meta["split_by"] == "tokens"  # one document
+    assert token_cache.train.num_tokens + token_cache.val.num_tokens == len(corpus.read_bytes()) + 1  # all + EOS
 
 
 def test_a_binary_file_given_as_text_is_refused_but_a_few_bad_bytes_are_not(tmp_path):

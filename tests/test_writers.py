@@ -124,8 +124,11 @@ def test_default_writer_non_primary_writes_nothing(tmp_path):
     assert not workdir.exists()
 
 
-def test_default_writer_uses_process_index(tmp_path):
-    # A single-process test run is process 0, hence primary.
-    writer = run_writer.create_default_writer(str(tmp_path))
-    assert isinstance(writer, writers.MultiWriter)
-    writer.close()
+@pytest.mark.parametrize("process_index, writes", [(0, True), (1, False)])
+def test_default_writer_uses_process_index(tmp_path, monkeypatch, process_index, writes):
+    monkeypatch.setattr(run_writer.jax, "process_index", lambda: process_index)
+    workdir = tmp_path / "run"
+    with run_writer.create_default_writer(str(workdir)) as writer:
+        writer.write_scalars(3, {"train/loss": 2.0})
+    assert (workdir / "metrics.jsonl").exists() == writes
+    assert (jsonl.read(workdir / "metrics.jsonl") == [{"step": 3, "train/loss": 2.0}]) if writes else not workdir.exists()
