@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -140,3 +141,63 @@ def test_cli_missing_workdir_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
     assert "config.json does not exist" in result.stderr
+
+
+def test_cli_train_split_goes_to_its_own_file(tiny_run):
+    result = run_evaluate(f"--workdir={tiny_run}", "--split=train", "--max_sequences=32", "--num_t_samples=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tiny_run / "eval_4_train.json").read_text())
+    assert written["split"] == "train" and written["eval/num_sequences"] == 32
+    assert "on the train split" in result.stdout
+
+
+def test_the_estimate_is_the_same_on_one_device(tiny_run):
+    """This process has 4 devices; the command in a process with one computes the same numbers."""
+    one = subprocess.run([sys.executable, "-m", "tdlm_jax.evaluate", f"--workdir={tiny_run}", "--max_sequences=32",
+                          "--num_t_samples=2", "--seed=5"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO),
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    one_device = json.loads((tiny_run / "eval_4.json").read_text())
+    trained = load_trained(str(tiny_run))
+    tokens_NxL, valid_NxL = nelbo.split_windows(trained.config, trained.tokenizer, "val", max_sequences=32)
+    four_devices = nelbo.nelbo_estimate(trained, tokens_NxL, valid_NxL, num_t_samples=2, seed=5)
+    for key in ("eval/nelbo", "eval/nelbo_stderr", "eval/mask_accuracy"):
+        assert one_device[key] == pytest.approx(four_devices[key], rel=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def tiny_ar_run(tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("evaluate_ar") / "run"
+    result = subprocess.run([sys.executable, "-m", "tdlm_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+                             "--config.model.kind=ar", "--config.training.num_steps=4"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_gen_ppl_scores_samples_with_an_autoregressive_run(tiny_run, tiny_ar_run):
+    result = run_evaluate(f"--workdir={tiny_run}", "--max_sequences=16", "--num_t_samples=1",
+                          f"--gen_ppl_model={tiny_ar_run}", "--gen_num_samples=8", "--gen_steps=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tiny_run / "eval_4.json").read_text())
+    assert written["gen/num_samples"] == 8 and written["gen/sampler"] == "ancestral" and written["gen/scorer_step"] == 4
+    # 4 steps of training leave both models near uniform over 257 ids: perplexity near 257.
+    assert 50 < written["gen/perplexity"] <= 1000
+    assert written["gen/nll_per_token"] == pytest.approx(math.log(written["gen/perplexity"]), rel=1e-9)
+    assert 0 < written["gen/unigram_entropy"] <= math.log(257) + 1e-9
+    refused = run_evaluate(f"--workdir={tiny_run}", "--max_sequences=16", f"--gen_ppl_model={tiny_run}")
+    assert refused.returncode == 2 and "is not an autoregressive run" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0
+
+
+def test_evaluate_and_sample_refuse_a_tokenizer_that_no_longer_matches(tiny_run, tmp_path):
+    changed = tmp_path / "run"
+    shutil.copytree(tiny_run, changed)
+    info = json.loads((changed / "tokenizer_info.json").read_text())
+    (changed / "tokenizer_info.json").write_text(json.dumps({**info, "eos_id": info["eos_id"] - 1}))
+    for module in ("tdlm_jax.evaluate", "tdlm_jax.sample"):
+        result = subprocess.run([sys.executable, "-m", module, f"--workdir={changed}"], cwd=REPO, capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 2, (module, result.stderr[-2000:])
+        assert result.stderr.strip().count("\n") == 0 and "tokenizer" in result.stderr, module

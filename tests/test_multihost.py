@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pathlib
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -176,6 +177,22 @@ def test_the_two_process_checkpoint_restores_in_one_process(runs):
     assert restored.step == reference.step == NUM_STEPS
     for x, y in zip(jax.tree.leaves(restored.params), jax.tree.leaves(reference.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_resuming_with_another_process_count_is_refused_with_one_line(runs, tmp_path):
+    """Each host's data position is its own file: one process cannot continue a 2-process run."""
+    job = tmp_path / "job"
+    shutil.copytree(runs[0], job)
+    rows_before = (job / "metrics.jsonl").read_text()
+    result = subprocess.run([sys.executable, "-m", "tdlm_jax.main", f"--config={TINY}", f"--workdir={job}",
+                             *OVERRIDES, f"--config.training.num_steps={NUM_STEPS + 2}",
+                             "--config.sharding.mesh_shape=(2, 2)"], cwd=REPO, capture_output=True, text=True,
+                            timeout=TIMEOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint ")
+    assert "was written by a 2-process job and this job has 1: resume with 2 processes" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (job / "metrics.jsonl").read_text() == rows_before and not (job / "checkpoints-corrupt").exists()
 
 
 def test_an_incomplete_manual_setup_is_a_one_line_error():

@@ -131,6 +131,33 @@ def test_sampled_tokens_follow_the_model_s_probabilities_where_the_sampler_is_ex
         assert (likelier_frequency - likelier).mean() > 10 * standard_error.mean()
 
 
+@pytest.mark.parametrize("filters", [dict(top_k=2), dict(top_p=0.6), dict(top_k=2, temperature=0.5)])
+def test_top_k_and_top_p_inside_generate_renormalize_the_kept_tokens(filters):
+    """Every position predicts TOKEN, TOKEN_B, TOKEN_C with 0.5, 0.3, 0.2: top-k 2 and top-p 0.6
+    keep the first two, drawn 5 : 3 (at temperature 1; at 0.5, 25 : 9)."""
+    probs = {TOKEN: 0.5, TOKEN_B: 0.3, TOKEN + 2: 0.2}
+    logits_V = np.full(VOCAB, -np.inf, np.float32)
+    for token, p in probs.items():
+        logits_V[token] = np.log(p)
+    model_fn = one_distribution_model(tuple(logits_V))
+    rows = 512
+    tokens = np.asarray(run(model_fn, np.full((rows, LENGTH), MASK, np.int32), steps=LENGTH, method="ancestral",
+                            **filters).tokens_NxL)
+    assert np.isin(tokens, [TOKEN, TOKEN_B]).all()  # the least likely token is never drawn
+    temperature = filters.get("temperature", 1.0)
+    odds = (0.5 / 0.3) ** (1 / temperature)
+    expected = odds / (1 + odds)
+    frequency = (tokens == TOKEN).mean()
+    assert abs(frequency - expected) < 4 * np.sqrt(expected * (1 - expected) / tokens.size)
+
+
+@functools.lru_cache(maxsize=None)
+def one_distribution_model(logits_V: tuple):
+    """The same logits at every position, whatever the input (cached: one compile per model)."""
+    logits = jnp.asarray(np.array(logits_V, np.float32))
+    return lambda x_NxL, valid_NxL, t_N: jnp.broadcast_to(logits, x_NxL.shape + (VOCAB,))
+
+
 def revealed_order(inputs: list[np.ndarray]) -> np.ndarray:
     """For each row, the position revealed at each step, from the inputs of successive calls
     (the last reveal is the one position still masked at the last call)."""

@@ -88,6 +88,9 @@ def test_cli_writes_the_workdir(cli_run):
     assert [(s["step"], s["index"], s["sampler"], s["steps"], s["prompt"]) for s in samples] == [
         (4, 0, "ancestral", 4, "ROMEO:"), (6, 0, "ancestral", 4, "ROMEO:")]  # 'auto' on Shakespeare
     assert all(s["text"].startswith("ROMEO:") and 1 <= s["nfe"] <= 4 for s in samples)
+    # ...and as TensorBoard text, under tensorboardX's tag name (README).
+    events = b"".join(p.read_bytes() for p in workdir.glob("events.out.tfevents*"))
+    assert b"samples/0/text_summary" in events and samples[-1]["text"].encode() in events
 
 
 def test_cli_console_is_short_lines_with_progress(cli_run):

@@ -23,6 +23,7 @@ iterator position is written; the array files are written in a background thread
 """
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -130,6 +131,14 @@ def from_plain(plain: dict[str, Any], like: Any) -> Any:
             node = node[name]
         leaves.append(node)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class ProcessCountMismatch(CheckpointError):
+    """A resume with another number of processes than the checkpoint's: no older one helps."""
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
 
 
 class Checkpointer:
@@ -242,6 +251,8 @@ class Checkpointer:
         step = int(step)
         _check_abstract_state(abstract_state)
         self.wait_until_finished()  # a checkpoint still being written cannot be read
+        if data_iterator is not None:
+            self._check_process_count(step)
         plain = os.path.isdir(os.path.join(self.step_directory(step), _TRAIN_STATE))
         target = to_plain(abstract_state) if plain else abstract_state
         name = _TRAIN_STATE if plain else _OLD_STATE
@@ -250,6 +261,17 @@ class Checkpointer:
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._restore_items(step, items)[name]
         return from_plain(restored, abstract_state) if plain else restored
+
+    def _check_process_count(self, step: int) -> None:
+        """Each process's data position is its own file (`process_<i>-of-<n>.json`), so a job
+        with another number of processes cannot continue the data stream."""
+        written = {int(m.group(1)) for name in _listdir(os.path.join(self.step_directory(step), _DATA))
+                   if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))}
+        if written and written != {jax.process_count()}:
+            raise ProcessCountMismatch(
+                f"checkpoint {self.step_directory(step)} was written by a {max(written)}-process job and this "
+                f"job has {jax.process_count()}: resume with {max(written)} processes (each one's data position "
+                "is saved), or start a new --workdir")
 
     def restore_log(self, step: int) -> dict | None:
         """The `log_state` saved with checkpoint `step`, or None if it has none."""

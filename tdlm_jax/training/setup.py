@@ -155,6 +155,8 @@ def restore_latest_usable(checkpointer: checkpoint.Checkpointer, state: step_lib
         try:
             restored = checkpointer.restore(step, abstract, data_iterator)
             log_state = checkpointer.restore_log(step)
+        except checkpoint.ProcessCountMismatch:
+            raise  # every checkpoint of the run has the same count: none would restore
         except CheckpointError as e:
             unreadable.append((step, e))
             continue
