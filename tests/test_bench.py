@@ -7,7 +7,6 @@ import subprocess
 import sys
 import types
 
-import jax
 import jax.numpy as jnp
 import pytest
 
