@@ -158,6 +158,83 @@ def one_distribution_model(logits_V: tuple):
     return lambda x_NxL, valid_NxL, t_N: jnp.broadcast_to(logits, x_NxL.shape + (VOCAB,))
 
 
+# A joint distribution over 3 positions of {TOKEN, TOKEN_B} with strong correlations: its
+# marginals are all 1/2, but AAA and BBB carry 0.3 each.
+JOINT_C = np.array([0.3, 0.05, 0.1, 0.05, 0.05, 0.1, 0.05, 0.3])
+BITS_CxL = np.array([[(c >> (2 - j)) & 1 for j in range(3)] for c in range(8)])  # 1 = TOKEN_B
+
+
+def exact_conditional_model():
+    """The toy denoiser whose answer is known: at every position, the exact conditional under
+    JOINT_C given the tokens revealed so far. Any exact sampler then draws from JOINT_C."""
+    joint, bits = jnp.asarray(JOINT_C, jnp.float32), jnp.asarray(BITS_CxL)
+
+    def model_fn(x_NxL, valid_NxL, t_N):
+        revealed_NxL, is_b_NxL = x_NxL != MASK, (x_NxL == TOKEN_B).astype(jnp.int32)
+        consistent_NxC = jnp.all(~revealed_NxL[:, None, :] | (bits[None] == is_b_NxL[:, None, :]), axis=-1)
+        weight_NxC = consistent_NxC * joint
+        p_b_NxL = weight_NxC @ bits.astype(jnp.float32) / weight_NxC.sum(-1, keepdims=True)
+        logits = jnp.full(x_NxL.shape + (VOCAB,), -jnp.inf)
+        return logits.at[..., TOKEN].set(jnp.log1p(-p_b_NxL)).at[..., TOKEN_B].set(jnp.log(p_b_NxL))
+
+    return model_fn
+
+
+EXACT_MODEL = exact_conditional_model()
+
+
+def outcome_frequencies(tokens_NxL: np.ndarray) -> np.ndarray:
+    codes = ((tokens_NxL == TOKEN_B).astype(int) * np.array([4, 2, 1])).sum(-1)
+    return np.bincount(codes, minlength=8) / len(tokens_NxL)
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="first_hitting"), dict(method="ancestral", steps=256)],
+                         ids=["first_hitting", "ancestral-256-steps"])
+def test_exact_samplers_draw_the_joint_distribution_of_a_known_denoiser(kwargs):
+    rows = 4096
+    result = run(EXACT_MODEL, np.full((rows, 3), MASK, np.int32), **{"steps": 3, **kwargs})
+    frequency = outcome_frequencies(np.asarray(result.tokens_NxL))
+    standard_error = np.sqrt(JOINT_C * (1 - JOINT_C) / rows)
+    assert (np.abs(frequency - JOINT_C) < 4.5 * standard_error).all(), frequency
+    if kwargs["method"] == "first_hitting":
+        assert int(result.nfe) == 3  # one call per mask, for 4096 rows
+
+
+def test_the_known_denoiser_has_teeth():
+    """One ancestral step reveals every position at once from its marginal (1/2): AAA gets 1/8."""
+    frequency = outcome_frequencies(np.asarray(run(EXACT_MODEL, np.full((4096, 3), MASK, np.int32), steps=1,
+                                                   method="ancestral").tokens_NxL))
+    assert abs(frequency[0] - 0.125) < 0.03 and abs(frequency[0] - JOINT_C[0]) > 0.1
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_first_hitting_takes_one_call_per_mask_whatever_the_batch_and_steps(batch):
+    calls = []
+    template = make_prompt_template(batch=batch)
+    num_masks = int((template[0] == MASK).sum())
+    result = run(one_hot_model(calls), template, steps=1000, method="first_hitting")
+    assert int(result.nfe) == len(calls) == num_masks
+    tokens = np.asarray(result.tokens_NxL)
+    np.testing.assert_array_equal(tokens[:, :PROMPT], template[:, :PROMPT])
+    assert (tokens[:, PROMPT:] == TOKEN).all()
+
+
+def test_first_hitting_reveals_blocks_left_to_right_one_mask_per_call():
+    inputs = []
+    run(one_hot_model(inputs=inputs), np.full((2, 16), MASK, np.int32), steps=4, method="first_hitting",
+        block_length=4)
+    assert len(inputs) == 16
+    for k, x_NxL in enumerate(inputs):
+        masked_per_block = (x_NxL == MASK).reshape(2, 4, 4).sum(axis=-1)
+        np.testing.assert_array_equal(masked_per_block[0], masked_per_block[1])
+        assert masked_per_block[0].tolist() == [max(0, min(4, 4 * (b + 1) - k)) for b in range(4)]
+
+
+def test_first_hitting_refuses_a_time_conditioned_denoiser():
+    with pytest.raises(ConfigError, match="first_hitting needs a denoiser that does not read t"):
+        run(one_hot_model(), make_prompt_template(), method="first_hitting", time_conditioned=True)
+
+
 def revealed_order(inputs: list[np.ndarray]) -> np.ndarray:
     """For each row, the position revealed at each step, from the inputs of successive calls
     (the last reveal is the one position still masked at the last call)."""
@@ -166,7 +243,7 @@ def revealed_order(inputs: list[np.ndarray]) -> np.ndarray:
     return np.stack(order + [np.argmax(masked[-1], axis=-1)], axis=1)
 
 
-def test_confidence_commits_in_descending_confidence_and_random_remasking_in_any_order():
+def test_confidence_commits_in_descending_confidence_random_remasking_and_first_hitting_in_any_order():
     p_a = CONFIDENCE  # TOKEN is each position's argmax, with that probability
     inputs = []
     run(two_token_model(p_a, inputs), np.full((2, LENGTH), MASK, np.int32), steps=LENGTH, method="confidence",
@@ -174,12 +251,13 @@ def test_confidence_commits_in_descending_confidence_and_random_remasking_in_any
     assert len(inputs) == LENGTH  # one commit per step
     np.testing.assert_array_equal(revealed_order(inputs), np.tile(np.argsort(-p_a), (2, 1)))
 
-    inputs, rows = [], 1024
-    run(two_token_model(p_a, inputs), np.full((rows, LENGTH), MASK, np.int32), steps=LENGTH,
-        method="confidence", remasking="random", temperature=0.0)
-    first = revealed_order(inputs)[:, 0]
-    frequency = np.bincount(first, minlength=LENGTH) / rows  # uniform over the 16 positions
-    assert (np.abs(frequency - 1 / LENGTH) < 4.5 * np.sqrt((1 / LENGTH) * (1 - 1 / LENGTH) / rows)).all()
+    for sampler in (dict(method="confidence", remasking="random"), dict(method="first_hitting")):
+        inputs, rows = [], 1024
+        run(two_token_model(p_a, inputs), np.full((rows, LENGTH), MASK, np.int32), steps=LENGTH,
+            temperature=0.0, **sampler)
+        first = revealed_order(inputs)[:, 0]
+        frequency = np.bincount(first, minlength=LENGTH) / rows  # uniform over the 16 positions
+        assert (np.abs(frequency - 1 / LENGTH) < 4.5 * np.sqrt((1 / LENGTH) * (1 - 1 / LENGTH) / rows)).all(), sampler
 
 
 def test_infilling_template_keeps_known_spans():

@@ -1,11 +1,12 @@
-"""Samplers of the masked (absorbing-state) diffusion LM: ancestral and confidence-based.
+"""Samplers of the masked (absorbing-state) diffusion LM: ancestral, confidence-based and
+first-hitting.
 
 Conditioning is a template: `template_NxL` holds the known tokens, and [MASK] wherever a
 token must be generated (a prompt is its tokens followed by masks; infilling is masks in
 arbitrary spans). Known tokens are never changed, and only ids below `num_predictable`
 are ever sampled, so no output contains [MASK] or [PAD].
 
-Both methods walk the time grid t_k = 1 − k/steps (k = 0..steps) from t = 1 to t = 0.
+"ancestral" and "confidence" walk the time grid t_k = 1 − k/steps (k = 0..steps) from t = 1 to t = 0.
 From t to s < t a still-masked token is revealed with probability
 
     p(t, s) = (α(s) − α(t)) / (1 − α(t)),
@@ -24,6 +25,16 @@ last step, so every mask is filled.
   schedules front- or back-load the reveals as their masking rate does. Confidence is the
   model's probability of the candidate (LLaDA's "low_confidence" remasking: the least
   confident stay masked), or a uniform random number ("random" remasking).
+
+- "first_hitting" (Zheng et al. 2024, "Masked diffusion models are secretly time-agnostic
+  masked models and exploit inaccurate categorical sampling"): the infinite-step limit of
+  "ancestral", exactly, in one denoiser call per mask. In continuous time the masks of a row
+  are revealed one at a time, each at an independent time drawn from the schedule, so for a
+  denoiser that does not read t the order of reveals is a uniformly random permutation and
+  the reveal times (the schedule) change nothing. Each call reveals one uniformly chosen
+  mask of every row, with a token drawn from the model at that position: a batch of any
+  size takes exactly as many calls as its rows have masks, whatever `steps` is (ignored).
+  A time-conditioned model is refused: its calls would need the reveal times.
 
 With `block_length` (LLaDA's semi-autoregressive sampling) the sequence is cut into
 blocks of absolute positions [0, B), [B, 2B), ..., generated left to right with
@@ -48,7 +59,7 @@ from jax import lax
 from tdlm_jax.diffusion.schedules import Schedule
 from tdlm_jax.errors import ConfigError
 
-METHODS = ("ancestral", "confidence")
+METHODS = ("ancestral", "confidence", "first_hitting")
 REMASKING = ("low_confidence", "random")
 
 # The sampler registry: the names `sampling.method` and `--sampler` take -> (method, remasking).
@@ -56,6 +67,7 @@ SAMPLERS = {
     "ancestral": ("ancestral", "low_confidence"),
     "confidence": ("confidence", "low_confidence"),
     "random_remask": ("confidence", "random"),
+    "first_hitting": ("first_hitting", "low_confidence"),
 }
 
 
@@ -160,17 +172,14 @@ def validate_options(*, steps: int, method: str, remasking: str, temperature: fl
         raise ConfigError(f"block_length must be at least 1, got {block_length}")
 
 
-def _candidates_and_scores(rng: jax.Array, logits_NxLxV: jax.Array, *, method: str, remasking: str,
+def _candidates_and_scores(rng: jax.Array, logits_NxLxV: jax.Array, *, remasking: str,
                            **filters) -> tuple[jax.Array, jax.Array]:
-    """A candidate token per position and a score in [0, 1].
-
-    The score is the model's probability of the candidate (low-confidence remasking) or a
-    uniform draw (random remasking; ancestral sampling uses it as its reveal coin).
-    """
+    """The confidence method's candidate token per position and its score in [0, 1]: the
+    model's probability of the candidate (low-confidence remasking) or a uniform draw (random
+    remasking)."""
     sample_rng, score_rng = jax.random.split(rng)
     candidates_NxL = sample_tokens(sample_rng, logits_NxLxV, **filters)
-    if method == "ancestral" or remasking == "random":
-        # Ancestral reveals independently of confidence; random remasking ranks randomly.
+    if remasking == "random":
         return candidates_NxL, jax.random.uniform(score_rng, candidates_NxL.shape)
     # LLaDA's confidence: the unfiltered model probability of the drawn token.
     probs_NxLxV = jax.nn.softmax(logits_NxLxV, axis=-1)
@@ -204,6 +213,12 @@ def generate(model_fn: ModelFn, rng: jax.Array, template_NxL: jax.Array, *, mask
     validate_options(steps=steps, method=method, remasking=remasking, temperature=temperature,
                      top_k=top_k, top_p=top_p, block_length=block_length)
     template_NxL = jnp.asarray(template_NxL, jnp.int32)
+    if method == "first_hitting":
+        if time_conditioned:
+            raise ConfigError("first_hitting needs a denoiser that does not read t "
+                              "(model.time_conditioning=False): use ancestral for this run")
+        return first_hitting(model_fn, rng, template_NxL, mask_id=mask_id, num_predictable=num_predictable,
+                             block_length=block_length, temperature=temperature, top_k=top_k, top_p=top_p)
     batch, length = template_NxL.shape
     block, num_blocks, steps_per_block = block_layout(length, block_length, steps)
     valid_NxL = jnp.ones((batch, length), bool)
@@ -224,13 +239,19 @@ def generate(model_fn: ModelFn, rng: jax.Array, template_NxL: jax.Array, *, mask
                                 lambda: cache_NxLxV)
         # Sampling among the predictable ids only is what guarantees no [MASK]/[PAD] output,
         # whatever the model puts at those ids.
-        candidates_NxL, score_NxL = _candidates_and_scores(
-            jax.random.fold_in(rng, i), logits_NxLxV[..., :num_predictable], method=method,
-            remasking=remasking, **filters)
+        predictable_NxLxV = logits_NxLxV[..., :num_predictable]
         p_reveal = jnp.where(k == steps_per_block - 1, 1.0, reveal_probability(schedule, t, s))
         if method == "ancestral":
-            reveal_NxL = eligible_NxL & (score_NxL < p_reveal)
+            # The reveal coins come first: a step that reveals nothing (most steps, when steps
+            # exceed the masks) draws no token at all.
+            sample_rng, coin_rng = jax.random.split(jax.random.fold_in(rng, i))
+            reveal_NxL = eligible_NxL & (jax.random.uniform(coin_rng, eligible_NxL.shape) < p_reveal)
+            candidates_NxL = lax.cond(jnp.any(reveal_NxL),
+                                      lambda: sample_tokens(sample_rng, predictable_NxLxV, **filters),
+                                      lambda: x_NxL)
         else:
+            candidates_NxL, score_NxL = _candidates_and_scores(
+                jax.random.fold_in(rng, i), predictable_NxLxV, remasking=remasking, **filters)
             n_N = num_to_commit(jnp.sum(eligible_NxL, axis=-1), p_reveal)
             reveal_NxL = select_top(score_NxL, eligible_NxL, n_N)
         new_NxL = jnp.where(reveal_NxL, candidates_NxL, x_NxL)
@@ -239,4 +260,35 @@ def generate(model_fn: ModelFn, rng: jax.Array, template_NxL: jax.Array, *, mask
 
     init = (template_NxL, jnp.zeros(logits_spec.shape, logits_spec.dtype), jnp.array(True), jnp.int32(0))
     tokens_NxL, _, _, nfe = lax.fori_loop(0, num_blocks * steps_per_block, step, init)
+    return SampleResult(tokens_NxL=tokens_NxL, nfe=nfe)
+
+
+def first_hitting(model_fn: ModelFn, rng: jax.Array, template_NxL: jax.Array, *, mask_id: int,
+                  num_predictable: int, block_length: int | None = None, **filters) -> SampleResult:
+    """The first-hitting sampler (see the module docstring): one call reveals one mask per row,
+    chosen uniformly among the row's masks (in its leftmost unfinished block, with blocks)."""
+    batch, length = template_NxL.shape
+    block = length if block_length is None else min(block_length, length)
+    block_of_L = jnp.arange(length) // block
+    valid_NxL = jnp.ones((batch, length), bool)
+    unread_t_N = jnp.ones((batch,), jnp.float32)  # the denoiser does not read t
+    rows_N = jnp.arange(batch)
+
+    def reveal_one(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        x_NxL, nfe = carry
+        masked_NxL = x_NxL == mask_id
+        current_N = jnp.min(jnp.where(masked_NxL, block_of_L, length), axis=-1)  # leftmost block with masks
+        eligible_NxL = masked_NxL & (block_of_L == current_N[:, None])
+        pick_rng, token_rng = jax.random.split(jax.random.fold_in(rng, nfe))
+        # A uniform score per eligible mask; the highest is a uniform choice among them.
+        position_N = jnp.argmax(jnp.where(eligible_NxL, jax.random.uniform(pick_rng, (batch, length)), -1.0), -1)
+        logits_NxLxV = model_fn(x_NxL, valid_NxL, unread_t_N)
+        logits_Nx1xV = jnp.take_along_axis(logits_NxLxV, position_N[:, None, None], axis=1)[..., :num_predictable]
+        token_N = sample_tokens(token_rng, logits_Nx1xV, **filters)[:, 0]
+        active_N = jnp.any(eligible_NxL, axis=-1)  # a finished row keeps its tokens
+        x_NxL = x_NxL.at[rows_N, position_N].set(jnp.where(active_N, token_N, x_NxL[rows_N, position_N]))
+        return x_NxL, nfe + 1
+
+    tokens_NxL, nfe = lax.while_loop(lambda carry: jnp.any(carry[0] == mask_id), reveal_one,
+                                     (template_NxL, jnp.int32(0)))
     return SampleResult(tokens_NxL=tokens_NxL, nfe=nfe)
