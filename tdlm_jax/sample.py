@@ -26,7 +26,8 @@ _STEPS = flags.DEFINE_integer("steps", 128, "Sampling steps (split evenly over b
 # A string, not an enum, so that a bad name is a one-line error like every other user error.
 # The default is the sampler with the best measured quality on base.py (README, Sampling).
 _SAMPLER = flags.DEFINE_string("sampler", "ancestral", f"One of {', '.join(SAMPLERS)}: MDLM ancestral "
-                               "sampling, LLaDA low-confidence remasking, or LLaDA random remasking.")
+                               "sampling, LLaDA low-confidence remasking, LLaDA random remasking, or the "
+                               "first-hitting sampler (exact infinite-step ancestral, one call per mask).")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text every sample starts with.")
 _LENGTH = flags.DEFINE_integer("length", None, "Sample length in tokens, prompt included. Default: the "
                                "run's data.seq_len; longer works (RoPE) but is beyond what the model saw.")
@@ -36,6 +37,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 disables.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 disables.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_SAMPLING_DTYPE = flags.DEFINE_string("sampling_dtype", "float32", "Precision of the categorical draws: float32, "
+                                      "or float64 (what tdlm_jax.evaluate's generative perplexity uses).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -54,7 +57,8 @@ def main(argv: list[str]) -> None:
         texts, nfe = sample_texts(
             trained, num_samples=_NUM_SAMPLES.value, steps=_STEPS.value, method=_SAMPLER.value,
             prompt=_PROMPT.value, length=_LENGTH.value, seed=_SEED.value, temperature=_TEMPERATURE.value,
-            top_k=_TOP_K.value, top_p=_TOP_P.value, block_length=_BLOCK_LENGTH.value)
+            top_k=_TOP_K.value, top_p=_TOP_P.value, block_length=_BLOCK_LENGTH.value,
+            sampling_dtype=_SAMPLING_DTYPE.value)
     except TdlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

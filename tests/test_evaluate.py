@@ -15,7 +15,7 @@ import pytest
 from tdlm_jax.diffusion.corruption import ForwardProcess
 from tdlm_jax.diffusion.schedules import Schedule
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.inference import nelbo
+from tdlm_jax.inference import evaluation, nelbo, sampler_comparison
 from tdlm_jax.inference.trained import load_trained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -201,3 +201,49 @@ def test_evaluate_and_sample_refuse_a_tokenizer_that_no_longer_matches(tiny_run,
                                 text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert result.returncode == 2, (module, result.stderr[-2000:])
         assert result.stderr.strip().count("\n") == 0 and "tokenizer" in result.stderr, module
+
+
+def test_samplers_compare_speed_and_quality_with_a_card(tiny_run, tiny_ar_run):
+    result = run_evaluate(f"--workdir={tiny_run}", "--max_sequences=8", "--num_t_samples=1",
+                          f"--gen_ppl_model={tiny_ar_run}", "--gen_num_samples=4", "--gen_steps=4",
+                          "--samplers=ancestral,first_hitting,confidence", "--sampler_steps=2,4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tiny_run / "samplers_4.json").read_text())
+    records = written["records"]
+    assert [(r["sampler"], r["steps"]) for r in records] == [
+        ("ancestral", 2), ("ancestral", 4), ("first_hitting", None), ("confidence", 2), ("confidence", 4)]
+    by_name = {(r["sampler"], r["steps"]): r for r in records}
+    assert by_name[("first_hitting", None)]["nfe"] == 32  # one call per mask of the 32-token samples
+    assert all(r["nfe"] <= r["steps"] for r in records if r["steps"] is not None)
+    for r in records:
+        assert r["seconds_per_sample"] > 0 and 1 < r["gen/perplexity"] and len(r["samples"]) == 3
+        assert r["data_unigram_entropy"] == records[0]["data_unigram_entropy"] > 0
+        assert r["frontier"] == sampler_comparison.on_frontier(r, records)
+    assert any(r["frontier"] for r in records)
+    card = written["card"]
+    assert card["checkpoint_step"] == 4 and card["sampling_dtype"] == "float64" and card["scorer_step"] == 4
+    assert card["gen_num_samples"] == 4 and card["versions"]["jax"] and "sampler" not in card
+    page = (tiny_run / "samplers_4.html").read_text()
+    assert "data:image/png;base64," in page and "Eval card" in page and "first_hitting" in page
+    evaluated = json.loads((tiny_run / "eval_4.json").read_text())  # the single-sampler card
+    assert evaluated["card"]["sampler"] == "ancestral" and evaluated["card"]["sampler_steps"] == 4
+    assert evaluated["card"]["num_t_samples"] == 1 and evaluated["card"]["ema"] is False
+
+
+def test_samplers_need_a_scorer_and_known_names_before_anything_slow(tiny_run):
+    for args, message in ((["--samplers=ancestral"], "--samplers needs --gen_ppl_model"),
+                          (["--samplers=ancestral,nope", "--gen_ppl_model=x"], "unknown sampler 'nope'"),
+                          (["--samplers=ancestral", "--sampler_steps=8,x", "--gen_ppl_model=x"],
+                           "--sampler_steps='8,x': must be a comma-separated list of ints")):
+        result = run_evaluate(f"--workdir={tiny_run}", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-1000:]
+        assert result.stderr.strip().count("\n") == 0
+
+
+def test_the_frontier_and_the_low_diversity_warning():
+    def record(seconds, ppl, collapsed=False):
+        return {"seconds_per_sample": seconds, "gen/perplexity": ppl, "collapsed": collapsed}
+
+    records = [record(1, 30), record(2, 25), record(3, 28), record(0.5, 5, collapsed=True), record(4, 20)]
+    assert [sampler_comparison.on_frontier(r, records) for r in records] == [True, True, False, False, True]
+    assert evaluation.diversity_warning(2.4, 3.3) and evaluation.diversity_warning(3.2, 3.3) is None

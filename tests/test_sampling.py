@@ -188,11 +188,13 @@ def outcome_frequencies(tokens_NxL: np.ndarray) -> np.ndarray:
     return np.bincount(codes, minlength=8) / len(tokens_NxL)
 
 
-@pytest.mark.parametrize("kwargs", [dict(method="first_hitting"), dict(method="ancestral", steps=256)],
-                         ids=["first_hitting", "ancestral-256-steps"])
+@pytest.mark.parametrize("kwargs", [dict(method="first_hitting"), dict(method="ancestral", steps=256),
+                                    dict(method="first_hitting", sampling_dtype="float64")],
+                         ids=["first_hitting", "ancestral-256-steps", "first_hitting-float64"])
 def test_exact_samplers_draw_the_joint_distribution_of_a_known_denoiser(kwargs):
     rows = 4096
-    result = run(EXACT_MODEL, np.full((rows, 3), MASK, np.int32), **{"steps": 3, **kwargs})
+    with jax.enable_x64(kwargs.get("sampling_dtype") == "float64"):
+        result = run(EXACT_MODEL, np.full((rows, 3), MASK, np.int32), **{"steps": 3, **kwargs})
     frequency = outcome_frequencies(np.asarray(result.tokens_NxL))
     standard_error = np.sqrt(JOINT_C * (1 - JOINT_C) / rows)
     assert (np.abs(frequency - JOINT_C) < 4.5 * standard_error).all(), frequency
@@ -228,6 +230,25 @@ def test_first_hitting_reveals_blocks_left_to_right_one_mask_per_call():
         masked_per_block = (x_NxL == MASK).reshape(2, 4, 4).sum(axis=-1)
         np.testing.assert_array_equal(masked_per_block[0], masked_per_block[1])
         assert masked_per_block[0].tolist() == [max(0, min(4, 4 * (b + 1) - k)) for b in range(4)]
+
+
+def test_float64_draws_need_64_bit_types_and_use_them():
+    with pytest.raises(ConfigError, match="float64 sampling must be traced with 64-bit types on"):
+        run(one_hot_model(), make_prompt_template(), method="ancestral", sampling_dtype="float64")
+    with pytest.raises(ConfigError, match="unknown sampling dtype 'float16'"):
+        run(one_hot_model(), make_prompt_template(), method="ancestral", sampling_dtype="float16")
+    seen = []
+    real = jax.random.categorical
+
+    def recording(key, logits, axis=-1):
+        seen.append(logits.dtype)
+        return real(key, logits, axis=axis)
+
+    with jax.enable_x64(True), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling.jax.random, "categorical", recording)
+        sampling.generate(one_hot_model(), jax.random.key(0), make_prompt_template(), mask_id=MASK,
+                          num_predictable=PREDICTABLE, steps=4, method="first_hitting", sampling_dtype="float64")
+    assert seen and all(dtype == jnp.float64 for dtype in seen)
 
 
 def test_first_hitting_refuses_a_time_conditioned_denoiser():

@@ -1,17 +1,24 @@
 """A trained run's evaluation, as `python -m tdlm_jax.evaluate` reports it: the NELBO table
-(`tdlm_jax.inference.nelbo` computes it), where its numbers are saved, and samples scored
-by a trained autoregressive run (generative perplexity)."""
+(`tdlm_jax.inference.nelbo` computes it), where its numbers are saved, samples scored by a
+trained autoregressive run (generative perplexity, against the data's own unigram entropy),
+and the eval card that pins the protocol of every number down."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
-from typing import Callable
+import time
+from typing import Any, Callable
+
+import numpy as np
 
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.inference import generation
+from tdlm_jax.inference import generation, nelbo
 from tdlm_jax.inference.trained import TrainedModel, load_trained
+from tdlm_jax.metrics import catalogue, jsonl
 from tdlm_jax.metrics.formatting import format_number as fmt  # the project's one number formatter
 from tdlm_jax.model import autoregressive
+from tdlm_jax.training import config as config_lib
 
 MISSING = "—"
 
@@ -51,25 +58,83 @@ def format_report(result: dict, *, workdir: str, split: str, seconds: float) -> 
     ]
     if "gen/perplexity" in result:
         lines += ["", f"{result['gen/num_samples']} samples ({result['gen/sampler']}, {result['gen/steps']} steps, "
-                      f"nfe {result['gen/nfe']}) scored by the AR model (float64):",
+                      f"nfe {result['gen/nfe']}, {result['card']['sampling_dtype']} draws) scored by the AR model "
+                      "(float64):",
                   f"  gen/perplexity        {fmt(result['gen/perplexity'])}",
-                  f"  gen/unigram_entropy   {fmt(result['gen/unigram_entropy'])} nats (lower: more repetitive)"]
+                  f"  gen/unigram_entropy   {fmt(result['gen/unigram_entropy'])} nats (the data's: "
+                  f"{fmt(result['gen/data_unigram_entropy'])}; lower: more repetitive)"]
+        warning = diversity_warning(result["gen/unigram_entropy"], result["gen/data_unigram_entropy"])
+        lines += [f"  warning: {warning}"] if warning else []
     return "\n".join(lines)
 
 
-def generative_scores(trained: TrainedModel, ar_workdir: str, *, num_samples: int, steps: int, sampler: str,
-                      seed: int) -> dict:
-    """Samples of the diffusion run, scored by a trained AR run of this project (float64)."""
+def load_scorer(ar_workdir: str, trained: TrainedModel) -> TrainedModel:
+    """The autoregressive run that scores `trained`'s samples (same tokenizer)."""
     scorer = load_trained(ar_workdir)
     if scorer.config.model.get("kind", "diffusion") != "ar":
         raise ConfigError(f"--gen_ppl_model={ar_workdir} is not an autoregressive run (model.kind must be 'ar')")
     if scorer.config.data.tokenizer != trained.config.data.tokenizer:
         raise ConfigError(f"--gen_ppl_model uses tokenizer {scorer.config.data.tokenizer!r}, this run "
                           f"{trained.config.data.tokenizer!r}: they must match")
-    tokens_NxL, nfe = generation.sample_tokens(trained, num_samples=num_samples, steps=steps, method=sampler,
-                                               seed=seed)
+    return scorer
+
+
+def generative_scores(trained: TrainedModel, scorer: TrainedModel, *, num_samples: int, steps: int, sampler: str,
+                      seed: int, sampling_dtype: str = "float64") -> dict:
+    """Samples of the diffusion run, scored by a trained AR run of this project (float64),
+    with the seconds their drawing took (the sampler compiled first, and not timed)."""
+    options = dict(num_samples=num_samples, steps=steps, method=sampler, seed=seed, sampling_dtype=sampling_dtype)
+    generation.sample_tokens(trained, **{**options, "seed": seed + 1})  # compiles; same shapes, other draws
+    tic = time.perf_counter()
+    tokens_NxL, nfe = generation.sample_tokens(trained, **options)
+    seconds = time.perf_counter() - tic
     scores = autoregressive.generative_perplexity(scorer.model(), tokens_NxL, scorer.tokenizer.mask_id)
-    return {**scores, "gen/sampler": sampler, "gen/steps": steps, "gen/nfe": nfe, "gen/scorer_step": scorer.step}
+    return {**scores, "gen/sampler": sampler, "gen/steps": steps, "gen/nfe": nfe, "gen/scorer_step": scorer.step,
+            "gen/seconds_per_sample": seconds / num_samples,
+            "gen/samples": [trained.tokenizer.decode(row) for row in tokens_NxL[:SAMPLES_KEPT]]}
+
+
+SAMPLES_KEPT = 3  # of each sampler's samples, kept in the results
+LOW_DIVERSITY_RATIO = 0.9  # samples' unigram entropy below this share of the data's: warned
+
+
+def data_unigram_entropy(trained: TrainedModel, num_sequences: int) -> float:
+    """The unigram entropy (nats) of the first `num_sequences` validation windows: the value
+    samples of the same size should reach."""
+    tokens_NxL, valid_NxL = nelbo.split_windows(trained.config, trained.tokenizer, "val", num_sequences)
+    counts = np.bincount(tokens_NxL[valid_NxL].ravel()).astype(np.float64)
+    freqs = counts[counts > 0] / counts.sum()
+    return float(-(freqs * np.log(freqs)).sum())
+
+
+def diversity_warning(entropy: float, data_entropy: float) -> str | None:
+    """The low-diversity failure that makes generative perplexity look good, in words."""
+    if entropy >= LOW_DIVERSITY_RATIO * data_entropy:
+        return None
+    return (f"the samples' unigram entropy {fmt(entropy)} nats is well below the data's {fmt(data_entropy)}: "
+            "they repeat frequent tokens, so their low generative perplexity is not quality")
+
+
+def scorer_val_loss(ar_workdir: str) -> float | None:
+    """The scorer run's best validation loss (summary.json), None if it has none yet."""
+    summary = jsonl.read_json(os.path.join(ar_workdir, jsonl.SUMMARY_FILE)) or {}
+    return summary.get(catalogue.BEST_VAL_LOSS)
+
+
+VERSIONED = ("tdlm_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def eval_card(trained: TrainedModel, **protocol: Any) -> dict[str, Any]:
+    """What pins a number down so it can be reproduced from the card alone: the checkpoint, the
+    parameters used (EMA or raw), the protocol's settings and the library versions."""
+    versions = {}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"checkpoint_step": trained.step, "ema": config_lib.ema_decay(trained.config) > 0,
+            "sample_length": trained.config.data.seq_len, **protocol, "versions": versions}
 
 
 def results_path(workdir: str, step: int, split: str) -> str:

@@ -57,7 +57,8 @@ def sample_tokens(trained: TrainedModel, *, num_samples: int, steps: int, method
         prompt: text each sample starts with.
         length: tokens per sample, prompt included; default the run's data.seq_len.
         seed: random seed.
-        **sampling_kwargs: temperature, top_k, top_p, block_length of `sampling.generate`.
+        **sampling_kwargs: temperature, top_k, top_p, block_length, sampling_dtype of
+            `sampling.generate`.
 
     Raises:
         ConfigError: for an unknown sampler, a prompt longer than `length`, an invalid option,
@@ -77,9 +78,11 @@ def sample_tokens(trained: TrainedModel, *, num_samples: int, steps: int, method
                    schedule=Schedule(config.diffusion.schedule, config.diffusion.polynomial_power),
                    **sampling_kwargs)
     # An invalid option raises ConfigError while `generate` is traced, before anything runs.
-    result = _jitted_generate(trained.graphdef, tuple(sorted(options.items())))(
-        trained.params, jax.random.key(seed), template)
-    return np.asarray(jax.device_get(result.tokens_NxL)), int(result.nfe)
+    # float64 draws need 64-bit types while tracing and running, and only there.
+    with jax.enable_x64(options.get("sampling_dtype") == "float64"):
+        result = _jitted_generate(trained.graphdef, tuple(sorted(options.items())))(
+            trained.params, jax.random.key(seed), template)
+        return np.asarray(jax.device_get(result.tokens_NxL)), int(result.nfe)
 
 
 SEPARATOR = "=" * 20
