@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.inference.trained import load_config, load_trained
+from tdlm_jax.inference.trained import load_trained
+from tdlm_jax.metrics import jsonl
 from tdlm_jax.model.transformer import Denoiser
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import loop, setup
@@ -118,24 +119,20 @@ def test_training_with_ema_evaluates_and_restores_the_ema(tmp_path):
     config.training.ema_decay = 0.9
     config.sampling.num_samples_at_eval = 0
     loop.train(config, str(tmp_path))
-    trained = load_trained(str(tmp_path))
-    state_params = _restored_raw_params(str(tmp_path))
-    differs = jax.tree.map(lambda a, b: not np.allclose(a, b), jax.device_get(trained.params), state_params)
-    assert any(jax.tree.leaves(differs))  # sampling/evaluation get the EMA, not the raw parameters
-
-
-def _restored_raw_params(workdir):
-    """The raw (non-EMA) parameters of the workdir's latest checkpoint."""
-    from tdlm_jax.training import checkpoint
-    from tdlm_jax.data import dataset
-    config = load_config(workdir)
-    tok = dataset.load_tokenizer(workdir, config.data.tokenizer)
-    graphdef, params, optimizer, _ = setup.build_model_and_optimizer(config, tok)
-    replicated = sharding.replicated(sharding.make_mesh())
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            jax.eval_shape(lambda: step_lib.init_state(params, optimizer, 0, ema=True)))
-    with checkpoint.Checkpointer(f"{workdir}/checkpoints") as checkpointer:
-        return jax.device_get(checkpointer.restore(checkpointer.latest_step(), abstract).params)
+    run = setup.build_run(config, str(tmp_path))  # the checkpoint of step 4, raw and EMA parameters
+    try:
+        state = run.initial_state
+        ema, raw = jax.device_get(state.ema_params), jax.device_get(state.params)
+        # Sampling and evaluation commands load the EMA itself, not the raw parameters.
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(load_trained(str(tmp_path)).params), ema)
+        assert any(jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), ema, raw)))
+        # The run's val/* at step 4 were computed on the EMA.
+        on_ema, on_raw = (loop.evaluate(run.eval_fn, p, run.data.eval_batches, run.eval_rng)["val/loss"]
+                          for p in (state.ema_params, state.params))
+    finally:
+        run.close()
+    logged = [r["val/loss"] for r in jsonl.read(tmp_path / "metrics.jsonl") if r["step"] == 4 and "val/loss" in r]
+    assert logged == [pytest.approx(on_ema, rel=1e-6)] and abs(on_ema - on_raw) > 1e-4
 
 
 def tiny_model(**overrides):
