@@ -6,7 +6,7 @@ contained here. A checkpoint at `<directory>/<step>` holds these items:
   * `train_state`: the training state (params, optimizer state, step counter, raw uint32
     RNG key data) as plain nested dicts of arrays (`to_plain`), written with orbax's
     StandardSave, so plain orbax reads it without this project:
-        ocp.StandardCheckpointer().restore("<workdir>/checkpoints/<step>/train_state")
+        ocp.StandardCheckpointer().restore("/abs/path/to/<workdir>/checkpoints/<step>/train_state")
     gives {"params": {"blocks": {"0": {"attn": {"qkv": {"kernel": array}}}}}, "opt_state":
     {"1": {"0": {"count", "mu", "nu"}}}, "step", ...}: the names of the parameters and of
     optax's state fields, list positions as "0", "1", ... Checkpoints written before this
