@@ -258,6 +258,133 @@ def test_a_failed_join_is_a_one_line_config_error():
     assert "\n" not in str(e.value) and not jax.distributed.is_initialized()
 
 
+# --- meshes over several slices (GPU nodes, TPU slices), on fake devices --------------------
+
+
+class FakeDevice:
+    """The attributes mesh_utils reads of a device; jax.sharding.Mesh takes these as they are
+    (hashable by identity). Nothing is compiled on them."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+    def __repr__(self):
+        return f"FakeDevice({self.__dict__})"
+
+
+def gpu_nodes(nodes: int, per_node: int = 8) -> list[FakeDevice]:
+    """`nodes` nodes of `per_node` GPUs, one process and one slice_index per node, listed
+    last node first (jax.devices() promises no order across nodes)."""
+    return [FakeDevice(id=n * per_node + i, process_index=n, slice_index=n, platform="gpu",
+                       device_kind="NVIDIA H100 80GB HBM3")
+            for n in reversed(range(nodes)) for i in range(per_node)]
+
+
+def tpu_slices(slices: int, kind: str, dims: tuple[int, int, int]) -> list[FakeDevice]:
+    """`slices` TPU slices of `dims` chips (coords within each slice, one core per chip)."""
+    return [FakeDevice(id=s * 100 + i, process_index=s, slice_index=s, platform="tpu", device_kind=kind,
+                       coords=coords, core_on_chip=0)
+            for s in range(slices)
+            for i, coords in enumerate((x, y, z) for z in range(dims[2]) for y in range(dims[1]) for x in range(dims[0]))]
+
+
+def ids(mesh) -> list[list[int]]:
+    return [[d.id for d in row] for row in mesh.devices]
+
+
+def assert_groups_within_slices(mesh, slices: int):
+    """Each fsdp group (a row) lies in one slice; the data axis runs over the slices, slice 0 first."""
+    rows_per_slice = mesh.shape["data"] // slices
+    assert [{d.slice_index for d in row} for row in mesh.devices] == \
+        [{r // rows_per_slice} for r in range(mesh.shape["data"])]
+    assert mesh.axis_names == sharding.MESH_AXES and set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
+
+
+@pytest.mark.parametrize("mesh_shape, expected", [
+    ((-1, 8), [list(range(8))]),
+    ((-1, 4), [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ((8, 1), [[i] for i in range(8)]),
+])
+def test_one_node_of_gpus_keeps_the_jax_make_mesh_layout(mesh_shape, expected):
+    devices = gpu_nodes(1)[::-1]
+    mesh = sharding.make_mesh(devices, mesh_shape)
+    assert ids(mesh) == expected and len(sharding.device_slices(devices)) == 1
+    same = jax.make_mesh(mesh.devices.shape, sharding.MESH_AXES, devices=devices)
+    assert ids(same) == expected
+
+
+@pytest.mark.parametrize("nodes, mesh_shape, data", [
+    (2, (-1, 8), 2),  # one row per node
+    (2, (-1, 4), 4),  # rows 0-1 on node 0, rows 2-3 on node 1
+    (2, (-1, 1), 16),
+    (4, (-1, 8), 4),
+    (4, (8, 4), 8),
+    (4, (-1, 2), 16),
+])
+def test_multi_node_gpu_mesh_runs_data_across_nodes_and_fsdp_within_one(nodes, mesh_shape, data):
+    mesh = sharding.make_mesh(gpu_nodes(nodes), mesh_shape)
+    fsdp = nodes * 8 // data
+    assert dict(mesh.shape) == {"data": data, "fsdp": fsdp}
+    # Node n holds ids 8n..8n+7: in id order, its rows come n-th, each a block of fsdp ids.
+    assert ids(mesh) == np.arange(nodes * 8).reshape(data, fsdp).tolist()
+    assert_groups_within_slices(mesh, nodes)
+
+
+def test_two_nodes_with_fsdp_four_in_detail():
+    mesh = sharding.make_mesh(gpu_nodes(2), (-1, 4))
+    assert ids(mesh) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert [d.process_index for d in mesh.devices[:, 0]] == [0, 0, 1, 1]
+
+
+V5E_RING = [(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0)]  # mesh_utils' ring over a 2x2 tray
+
+
+@pytest.mark.parametrize("kind, dims, mesh_shape, expected", [
+    # 2 slices of v5e 2x2 (v5litepod-4): each slice's chips in ring order, one row per slice.
+    ("TPU v5 lite", (2, 2, 1), (-1, 4), [V5E_RING, V5E_RING]),
+    ("TPU v5 lite", (2, 2, 1), (-1, 2), [V5E_RING[:2], V5E_RING[2:]] * 2),
+    # 2 slices of v4 2x2x2: fsdp=4 takes an x-y plane of one slice, data its z and the slices.
+    ("TPU v4", (2, 2, 2), (-1, 4), [[(x, y, z) for x in range(2) for y in range(2)] for z in range(2)] * 2),
+    ("TPU v4", (2, 2, 2), (-1, 8), [[(x, y, z) for x in range(2) for y in range(2) for z in range(2)]] * 2),
+])
+def test_multi_slice_tpu_mesh_keeps_fsdp_groups_inside_a_slice(kind, dims, mesh_shape, expected):
+    mesh = sharding.make_mesh(tpu_slices(2, kind, dims), mesh_shape)
+    assert [[d.coords for d in row] for row in mesh.devices] == expected
+    assert_groups_within_slices(mesh, 2)
+
+
+@pytest.mark.parametrize("devices, mesh_shape, message", [
+    (gpu_nodes(2), (-1, 16), r"span 2 slices \(nodes\) of 8 devices each, and fsdp=16 does not divide 8.*"
+                             r"use e\.g\. \(2, 8\), i\.e\. \(-1, 8\)"),
+    (gpu_nodes(2), (1, 16), r"fsdp=16 does not divide 8.*\(-1, 8\)"),
+    (gpu_nodes(2, per_node=6), (-1, 4), r"2 slices \(nodes\) of 6 devices each, and fsdp=4.*\(-1, 3\)"),
+    (gpu_nodes(2)[:12], (-1, 4), r"12 devices span 2 slices of unequal sizes \[4, 8\]"),
+])
+def test_multi_node_mesh_that_cannot_keep_fsdp_in_a_node_is_a_one_line_config_error(devices, mesh_shape, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        sharding.make_mesh(devices, mesh_shape)
+    assert f"sharding.mesh_shape={mesh_shape!r}" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_slice_topology_mesh_utils_rejects_is_a_one_line_config_error(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Failed to find assignment\nmore detail")
+
+    monkeypatch.setattr(sharding.mesh_utils, "create_hybrid_device_mesh", refuse)
+    with pytest.raises(ConfigError, match=r"cannot be laid out as \(2, 4\) per slice \(Failed to find assignment\)"
+                       ) as error:
+        sharding.make_mesh(gpu_nodes(2), (-1, 4))
+    assert "sharding.mesh_shape" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_devices_without_a_slice_index_count_as_one_slice():
+    assert sharding.device_slices(jax.devices()) == [jax.devices()]
+    plain = [FakeDevice(id=i, process_index=i // 2, platform="gpu", device_kind="NVIDIA A100") for i in range(4)]
+    assert sharding.device_slices(plain) == [plain]
+    assert ids(sharding.make_mesh(plain, (-1, 2))) == [[0, 1], [2, 3]]
+    assert [[d.id for d in group] for group in sharding.device_slices(gpu_nodes(2, per_node=2))] == [[0, 1], [2, 3]]
+
+
 def test_eight_devices_data_parallel_and_fsdp_match_one_device(eight_device_run):
     """(8, 1) and (2, 4) meshes, computed by the subprocess with 8 fake devices."""
     process, out, log = eight_device_run

@@ -14,6 +14,15 @@ stratified sampler's tier-2 metrics take of the batch.
 Devices are laid out data-major (jax.make_mesh keeps each host's devices contiguous), so
 an fsdp group no larger than a host's device count stays within one host, where its
 all-gathers are cheapest. Each host feeds only its own rows; `global_batch` assembles them.
+
+When the devices span several slices (their `slice_index`: TPU slices joined over DCN, or
+GPU nodes / NVLink domains), jax.make_mesh refuses them, and `hybrid_device_grid` lays the
+mesh out with mesh_utils.create_hybrid_device_mesh instead: the data axis runs across the
+slices (slice 0's rows first) and each fsdp group lies inside one slice, so fsdp's
+all-gathers and reduce-scatters stay on the fast intra-slice links and only the
+data-parallel gradient all-reduce crosses the slower network between slices. That needs
+equal slices and an fsdp size dividing a slice's device count; anything else is a one-line
+ConfigError naming `sharding.mesh_shape`. Devices without a `slice_index` count as one slice.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from tdlm_jax.errors import ConfigError
@@ -59,12 +69,58 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
     return shape  # type: ignore[return-value]
 
 
+def device_slices(devices: Sequence[Any]) -> list[list[Any]]:
+    """`devices` grouped by `slice_index` (a TPU slice, a GPU node), in slice order, each in
+    the order given; devices without a `slice_index` count as one slice."""
+    groups: dict[Any, list[Any]] = {}
+    for device in devices:
+        groups.setdefault(getattr(device, "slice_index", 0), []).append(device)
+    return [groups[key] for key in sorted(groups)]
+
+
+def hybrid_device_grid(devices: Sequence[Any], mesh_shape: Sequence[int]) -> np.ndarray:
+    """The (data, fsdp) array of `devices` for a mesh over several slices: data across the
+    slices (slice 0's rows first), each fsdp group (row) inside one slice, laid out within a
+    slice by its topology (mesh_utils.create_hybrid_device_mesh).
+
+    Raises ConfigError, naming `sharding.mesh_shape`, when the slices differ in size or fsdp
+    does not divide a slice's device count (when it does, data is a multiple of the slice
+    count, and each slice takes data // slices rows).
+    """
+    devices = list(devices)
+    data, fsdp = resolve_mesh_shape(mesh_shape, len(devices))
+    groups = device_slices(devices)
+    num_slices, sizes = len(groups), sorted({len(g) for g in groups})
+    head = f"config error: sharding.mesh_shape={mesh_shape!r}: the {len(devices)} devices span {num_slices} slices"
+    if len(sizes) > 1:
+        raise ConfigError(f"{head} of unequal sizes {sizes}: a multi-slice mesh needs the same number of "
+                          "devices in every slice (node); run on equal slices")
+    per_slice = sizes[0]
+    if per_slice % fsdp:
+        fits = max(k for k in range(1, min(fsdp, per_slice) + 1) if per_slice % k == 0)
+        raise ConfigError(f"{head} (nodes) of {per_slice} devices each, and fsdp={fsdp} does not divide "
+                          f"{per_slice}: an fsdp group must lie within one slice, the data axis runs across "
+                          f"them; use e.g. ({len(devices) // fits}, {fits}), i.e. (-1, {fits})")
+    try:
+        return mesh_utils.create_hybrid_device_mesh((data // num_slices, fsdp), (num_slices, 1), devices,
+                                                    allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError) as e:  # a slice's topology that cannot take the shape
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{head} (nodes) of {per_slice} devices each, which cannot be laid out as "
+                          f"({data // num_slices}, {fsdp}) per slice ({first_line}): try another fsdp size "
+                          f"dividing {per_slice}") from e
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None,
               mesh_shape: Sequence[int] = DEFAULT_MESH_SHAPE) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all devices of all hosts)."""
+    """A (data, fsdp) mesh over `devices` (default: all devices of all hosts); over several
+    slices (nodes) it is laid out by `hybrid_device_grid`."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = resolve_mesh_shape(mesh_shape, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    axis_types = (AxisType.Auto,) * 2
+    if len(device_slices(devices)) == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(hybrid_device_grid(devices, mesh_shape), MESH_AXES, axis_types=axis_types)
 
 
 def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
