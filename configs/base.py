@@ -90,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.logging_steps = 100
     config.training.detailed_metrics_steps = 200
     config.training.attention_analysis_steps = 400
+    # The tier-3 pass analyses this many rows of the step's batch (evenly spaced, so they span the
+    # corruption levels): its memory, one layer's [rows, heads, L, L] attention at a time, stays
+    # below the train step's whatever the batch.
+    config.training.analysis_rows = 8
     config.training.eval_every_n_steps = 100
     config.training.checkpoint_every_n_steps = 500
     config.training.max_checkpoints_to_keep = 3

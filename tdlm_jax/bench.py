@@ -1,9 +1,11 @@
-"""Command line: `python -m tdlm_jax.bench --config=configs/base.py [--mode=train|tiers|data]`.
+"""Command line: `python -m tdlm_jax.bench --config=configs/base.py [--mode=train|tiers|data|memory]`.
 
 Runs the config's real train step on random tokens and prints (`tdlm_jax.training.benchmark`):
 - `train` (the default): step time, tokens per second, model FLOPs per token and MFU;
 - `tiers`: the cost of the metric tiers as ratios to a bare step;
-- `data`: the input pipeline's tokens per second next to the train step's consumption.
+- `data`: the input pipeline's tokens per second next to the train step's consumption;
+- `memory`: the memory per device of every program a run compiles before its first step
+  (ordinary and detailed train steps, evaluation, the tier-3 analysis), without training.
 Variants are timed round-robin, so compare the ratios of one run. Errors a user can cause
 print one line and exit with status 2.
 """
@@ -19,7 +21,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from tdlm_jax.errors import TdlmError
-from tdlm_jax.training.benchmark import MODES, Setup, build_setup, run_data, run_tiers, run_train
+from tdlm_jax.training import programs
+from tdlm_jax.training.benchmark import MODES, Setup, build_setup, run_data, run_memory, run_tiers, run_train
 
 
 def describe(setup: Setup) -> str:
@@ -56,6 +59,11 @@ def print_tiers(r: Mapping[str, float]) -> None:
         print(f"  tier 3 cost       analysis / bare = {r['tier3_ratio']:.3f}")
 
 
+def print_memory(r: Mapping[str, Any]) -> None:
+    for line in programs.memory_table(r["programs"], r["capacity"], r["source"]):
+        print(line)
+
+
 def print_data(r: Mapping[str, Any]) -> None:
     print(f"  pipeline           {r['pipeline_tokens_per_second']:12.0f} tokens/s")
     print(f"  train step         {r['step_tokens_per_second']:12.0f} tokens/s")
@@ -82,6 +90,8 @@ def main(argv: list[str]) -> None:
             print_train(run_train(setup, steps=_STEPS.value, repeats=_REPEATS.value, peak_tflops=_PEAK.value))
         elif _MODE.value == "tiers":
             print_tiers(run_tiers(setup, steps=_STEPS.value, repeats=_REPEATS.value))
+        elif _MODE.value == "memory":
+            print_memory(run_memory(setup))
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 print_data(run_data(setup, steps=_STEPS.value, repeats=_REPEATS.value,

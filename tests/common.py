@@ -9,8 +9,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tdlm_jax.diffusion.corruption import ForwardProcess
+from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess
+from tdlm_jax.diffusion.loss import scoring_targets
 from tdlm_jax.diffusion.schedules import Schedule
+from tdlm_jax.model.head import TokenScores, scores_from_logits
 from tdlm_jax.model.transformer import Denoiser, ModelConfig
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import optim
@@ -23,6 +25,11 @@ MODEL = ModelConfig(vocab_size=258, num_predictable=256, d_model=32, num_heads=2
 
 def make_process(sampling: str = "stratified", t_min: float = 1e-3, batch_size: int = BATCH) -> ForwardProcess:
     return ForwardProcess(Schedule("linear"), t_min, sampling, "elbo", 10.0, 256, EDGES, batch_size)
+
+
+def scored(logits_BxLxV, batch: Corrupted) -> TokenScores:
+    """The scores the loss and metrics read, of whole (e.g. hand-built) logits of `batch`."""
+    return scores_from_logits(logits_BxLxV, scoring_targets(batch))
 
 
 @functools.lru_cache(maxsize=None)

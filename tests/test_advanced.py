@@ -53,8 +53,14 @@ def uniform_probs(valid_BxL: np.ndarray, num_layers: int = 2, num_heads: int = 2
                            (num_layers, batch, num_heads, length, length)).astype(np.float32).copy()
 
 
+@jax.jit
+def stacked_metrics(hidden, probs_KxBxNxLxL, valid):
+    """The metrics of stacked per-layer probabilities, reduced layer by layer as the pass does."""
+    return advanced.advanced_metrics(hidden, advanced.attention_entropy_by_layer(probs_KxBxNxLxL, valid), valid)
+
+
 def metrics_of(hidden, probs, valid=VALID) -> dict[str, float]:
-    return jax.device_get(jax.jit(advanced.advanced_metrics)(hidden, probs, valid))
+    return jax.device_get(stacked_metrics(hidden, probs, valid))
 
 
 def test_hidden_state_metrics_match_numpy_and_skip_empty_sequences():
@@ -126,9 +132,9 @@ def test_explicit_attention_matches_the_fused_kernel():
     model = nnx.merge(graphdef, params)
     batch = random_batch()
     fused = model(batch["tokens"], batch["valid"])
-    logits, internals = model(batch["tokens"], batch["valid"], return_internals=True)
+    logits, internals = model(batch["tokens"], batch["valid"], attention_summary=lambda probs: probs)
     np.testing.assert_allclose(logits, fused, atol=1e-5)
-    hidden, probs = internals["hidden_BxLxD"], internals["attention_probs_KxBxNxLxL"]
+    hidden, probs = internals["hidden_BxLxD"], internals["attention_by_layer"]
     assert hidden.dtype == probs.dtype == jnp.float32
     assert hidden.shape == (*batch["tokens"].shape, MODEL.d_model)
     assert probs.shape == (MODEL.num_layers, batch["tokens"].shape[0], MODEL.num_heads,
@@ -144,7 +150,7 @@ def test_explicit_attention_matches_the_fused_kernel():
 @functools.lru_cache(maxsize=None)
 def analysis_fn(num_devices: int):
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
-    return mesh, step_lib.jit_analysis_step(mesh, graphdef=model_parts()[0], process=make_process())
+    return mesh, step_lib.jit_analysis_step(mesh, graphdef=model_parts()[0], process=make_process(), max_rows=8)
 
 
 def run_analysis(num_devices: int) -> dict[str, float]:
@@ -176,6 +182,7 @@ def test_the_loop_analyses_the_very_batch_each_step_trains_on(tmp_path, monkeypa
     config.training.update(num_steps=4, logging_steps=1, attention_analysis_steps=2, detailed_metrics_steps=100,
                            eval_every_n_steps=100)
     config.sampling.num_samples_at_eval = 0
+    config.training.analysis_rows = 3  # of the batch's 8: rows 0, 2 and 5
     analysed = {}
     real_build_run = setup.build_run
 
@@ -186,10 +193,10 @@ def test_the_loop_analyses_the_very_batch_each_step_trains_on(tmp_path, monkeypa
         def recording_analysis(params, tokens, valid, rng):
             metrics = run.analysis_fn(params, tokens, valid, rng)
             batch = corrupt(process, rng, tokens, valid)
-            _, internals = nnx.merge(run.graphdef, params)(batch.noisy_BxL, batch.valid_BxL, batch.t_B,
-                                                          return_internals=True)
-            expected = advanced.advanced_metrics(internals["hidden_BxLxD"], internals["attention_probs_KxBxNxLxL"],
-                                                 batch.valid_BxL)
+            rows = jax.tree.map(lambda x: x[np.array([0, 2, 5])], batch)
+            _, internals = nnx.merge(run.graphdef, params)(rows.noisy_BxL, rows.valid_BxL, rows.t_B,
+                                                          attention_summary=lambda probs: probs)
+            expected = stacked_metrics(internals["hidden_BxLxD"], internals["attention_by_layer"], rows.valid_BxL)
             analysed[len(analysed)] = (int(batch.masked_BxL.sum()), jax.device_get(metrics), jax.device_get(expected))
             return metrics
 
@@ -203,3 +210,29 @@ def test_the_loop_analyses_the_very_batch_each_step_trains_on(tmp_path, monkeypa
     for _, got, expected in analysed.values():
         for name in expected:
             np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, err_msg=name)
+
+
+def test_analysed_rows_are_evenly_spaced_and_bounded():
+    np.testing.assert_array_equal(advanced.analysed_rows(32, 8), [0, 4, 8, 12, 16, 20, 24, 28])
+    np.testing.assert_array_equal(advanced.analysed_rows(8, 3), [0, 2, 5])
+    np.testing.assert_array_equal(advanced.analysed_rows(5, 8), [0, 1, 2, 3, 4])  # fewer rows: all of them
+
+
+def test_the_analysis_pass_memory_does_not_grow_with_the_batch():
+    """Compiled for 8 and for 128 rows of 64 positions, the pass's temporary memory is about the
+    same: it analyses 4 rows whatever the batch, one layer's attention at a time (the stacked
+    probabilities of every row would grow it 16-fold)."""
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    params = model_parts()[1]
+
+    def temp_bytes(batch_size):
+        fn = step_lib.jit_analysis_step(mesh, graphdef=model_parts()[0], process=make_process(batch_size=batch_size),
+                                        max_rows=4)
+        tokens = jax.ShapeDtypeStruct((batch_size, 64), jnp.int32)
+        valid = jax.ShapeDtypeStruct((batch_size, 64), jnp.bool_)
+        return fn.lower(params, tokens, valid, jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(8), temp_bytes(128)
+    one_layer_probs = 4 * MODEL.num_heads * 64 * 64 * 4
+    assert large < 1.5 * small, (small, large)
+    assert small >= one_layer_probs  # it does build one layer's probabilities of the 4 rows

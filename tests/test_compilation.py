@@ -1,4 +1,4 @@
-"""Compilation: the persistent cache of a real run, recompile detection, and no host sync in the loop."""
+"""Compilation: the persistent cache of a real run, one compile per program, and no host sync in the loop."""
 
 import os
 import pathlib
@@ -38,21 +38,6 @@ def test_cache_dir_follows_the_config(tmp_path):
     config.training.compilation_cache_dir = None
     with pytest.raises(ConfigError, match="compilation_cache_dir"):
         compilation.cache_dir(config, "runs/x")
-
-
-def test_recompile_check_warns_when_a_function_compiles_more_than_its_variants(caplog):
-    def recompile_probe(x):
-        return x * 2
-
-    fn = jax.jit(recompile_probe)
-    check = compilation.RecompileCheck("recompile_probe")
-    fn(jnp.ones(3))
-    fn(jnp.ones(3))  # same shape: no new compile
-    assert check.count() == 1 and not check.check(1)
-    fn(jnp.ones(4))  # a new shape traces and compiles again
-    with caplog.at_level("WARNING"):
-        assert check.check(1)
-    assert check.count() == 2 and "recompile_probe has compiled 2 times for 1 variant" in caplog.text
 
 
 def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch):

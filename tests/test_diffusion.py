@@ -11,6 +11,7 @@ from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess, corrupt, pl
 from tdlm_jax.diffusion.loss import num_valid_tokens, weighted_token_losses
 from tdlm_jax.diffusion.schedules import LOGLINEAR_EPS, SCHEDULES, Schedule
 from tdlm_jax.metrics.tier1 import correct_rows, tier1_metrics
+from common import scored
 
 EDGES = (0.0, 0.3, 0.7, 1.0)
 MASK_ID, PAD_ID, V = 256, 257, 256
@@ -106,7 +107,7 @@ def test_padding_is_never_masked_but_counts_in_valid_ratio():
     batch = corrupt(process, jax.random.key(3), jnp.where(valid, tokens, PAD_ID), valid)
     assert not bool(jnp.any(batch.masked_BxL & ~valid))
     logits = jnp.zeros((8, 64, V + 2))
-    ratio = float(tier1_metrics(correct_rows(logits, batch), batch)["metrics/valid_ratio"])
+    ratio = float(tier1_metrics(correct_rows(scored(logits, batch), batch), batch)["metrics/valid_ratio"])
     assert ratio == pytest.approx(float(batch.masked_BxL.sum() / batch.drawn_BxL.sum()))
     assert 0.6 < ratio < 0.9  # about 3/4 of the drawn masks land on real tokens
 
@@ -127,7 +128,7 @@ def test_uniform_predictor_nelbo_is_log_v(sampling):
 
     def estimate(key):
         batch = corrupt(process, key, tokens, valid)
-        return weighted_token_losses(logits, batch).sum() / num_valid_tokens(batch)
+        return weighted_token_losses(scored(logits, batch).nll_BxL, batch).sum() / num_valid_tokens(batch)
 
     values = np.asarray(jax.jit(jax.vmap(estimate))(jax.random.split(jax.random.key(5), draws)))
     standard_error = values.std() / np.sqrt(draws)
@@ -147,7 +148,7 @@ def test_golden_mask_accuracy_on_hand_built_batch():
                       masked_BxL=masked, drawn_BxL=drawn, t_B=jnp.array([0.5, 0.8]),
                       mask_rate_B=jnp.array([0.5, 0.8]), weight_B=jnp.array([2.0, 1.25]),
                       unbias_B=jnp.ones(2))
-    metrics = tier1_metrics(correct_rows(logits, batch), batch)
+    metrics = tier1_metrics(correct_rows(scored(logits, batch), batch), batch)
     # masked valid: (0,0) ok, (0,1) wrong, (1,0) ok, (1,2) wrong -> 2/4
     assert float(metrics["metrics/mask_accuracy"]) == pytest.approx(2 / 4)
     assert float(metrics["metrics/total_masked_tokens"]) == 4

@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from tdlm_jax.diffusion.corruption import Corrupted, corrupt
 from tdlm_jax.diffusion.loss import num_valid_tokens
 from tdlm_jax.metrics import aggregation, research
 from tdlm_jax.training.step import row_losses
-from common import EDGES, make_process, model_parts, random_batch
+from common import EDGES, make_process, model_parts, random_batch, scored
 
 PAD_ID = 257
 
@@ -51,7 +52,7 @@ def test_bucket_accuracy_and_count_on_a_hand_built_batch():
     process = make_process(sampling="iid", batch_size=4)
     zero = {"w": jnp.zeros(3)}
     metrics = aggregation.to_host_scalars(
-        research.research_metrics(research.row_statistics(logits, batch), batch, process,
+        research.research_metrics(research.row_statistics(scored(logits, batch), batch), batch, process,
                                   jnp.array([0.1, 0.2, 0.3, 0.4]), [zero] * 3))
     assert metrics["research/low_corruption_accuracy"] == pytest.approx(1.0)
     assert metrics["research/medium_corruption_accuracy"] == pytest.approx(3 / 5)
@@ -67,7 +68,7 @@ def test_empty_bucket_accuracy_is_missing_not_zero():
     only_high = batch.replace(mask_rate_B=jnp.full(4, 0.9))
     logits = jnp.zeros((4, 4, 258))
     metrics = aggregation.to_host_scalars(research.research_metrics(
-        research.row_statistics(logits, only_high), only_high, make_process(sampling="iid", batch_size=4), jnp.zeros(4), [{"w": jnp.ones(2)}] * 3))
+        research.row_statistics(scored(logits, only_high), only_high), only_high, make_process(sampling="iid", batch_size=4), jnp.zeros(4), [{"w": jnp.ones(2)}] * 3))
     assert metrics["research/low_corruption_accuracy"] is None
     assert metrics["research/medium_corruption_accuracy"] is None
     assert metrics["research/low_corruption_count"] == 0
@@ -116,7 +117,7 @@ def assert_trees_close(a, b, atol=1e-6):
 def test_bucket_gradients_equal_brute_force_and_sum_to_the_full_gradient(sampling):
     process = make_process(sampling)
     batch = batch_with_every_bucket(process)
-    grads, rows, logits = project_grads(process, batch)
+    grads, rows, _ = project_grads(process, batch)
     params = model_parts()[1]
     for got, expected in zip(grads, brute_force_bucket_grads(params, batch, process)):
         assert_trees_close(got, expected)
@@ -135,8 +136,8 @@ def test_only_high_corruption_batch_has_zero_low_and_medium_gradients(sampling):
     process = make_process(sampling, t_min=0.75)  # every t > 0.75, so every m > 0.7
     batch = corrupted_batch(process, seed=1)
     assert bool(jnp.all(batch.mask_rate_B > 0.7))
-    grads, rows, logits = project_grads(process, batch)
-    metrics = aggregation.to_host_scalars(research.research_metrics(research.row_statistics(logits, batch), batch, process, rows, grads))
+    grads, rows, scores = project_grads(process, batch)
+    metrics = aggregation.to_host_scalars(research.research_metrics(research.row_statistics(scores, batch), batch, process, rows, grads))
     assert metrics["research/gradient_norm_low_corruption"] == 0.0
     assert metrics["research/gradient_norm_medium_corruption"] == 0.0
     assert metrics["research/gradient_norm_high_corruption"] == pytest.approx(
@@ -166,8 +167,9 @@ def test_weight_difficulty_statistics_match_numpy():
     process = make_process()
     batch = corrupted_batch(process, seed=2)
     graphdef, params = model_parts()
-    _, logits = row_losses(graphdef, params, batch, num_valid_tokens(batch))
-    got = research.weight_difficulty_metrics(research.row_statistics(logits, batch), batch)
+    _, scores = row_losses(graphdef, params, batch, num_valid_tokens(batch))  # the step's chunked head
+    got = research.weight_difficulty_metrics(research.row_statistics(scores, batch), batch)
+    logits = nnx.merge(graphdef, params)(batch.noisy_BxL, batch.valid_BxL, batch.t_B)
 
     masked = np.asarray(batch.masked_BxL)
     weight = np.broadcast_to(np.asarray(batch.weight_B)[:, None], masked.shape)[masked]

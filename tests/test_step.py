@@ -47,7 +47,7 @@ def test_jitted_steps_keep_their_names_for_compile_counts():
     assert fn.__name__ == "train_step"
     static = dict(graphdef=model_parts()[0], process=make_process())
     assert step_lib.jit_eval_step(mesh, **static).__name__ == "eval_step"
-    assert step_lib.jit_analysis_step(mesh, **static).__name__ == "analysis_step"
+    assert step_lib.jit_analysis_step(mesh, **static, max_rows=8).__name__ == "analysis_step"
 
 
 @pytest.mark.parametrize("sampling", ["stratified", "iid"])

@@ -10,25 +10,32 @@ whole (global) batch, so the loss is a pooled average, never a mean of per-devic
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from tdlm_jax.diffusion.corruption import Corrupted
+from tdlm_jax.model.head import TokenScores
 
 
-def token_cross_entropy(logits_BxLxV: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
-    """−log p(token) at every position, in float32 whatever the compute dtype."""
-    log_probs = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(log_probs, tokens_BxL[..., None], axis=-1)[..., 0]
+def scoring_targets(batch: Corrupted) -> jax.Array:
+    """The ids the model is scored against: the clean token at masked valid positions, id 0
+    elsewhere. Unscored positions may hold [PAD], whose logit is −inf; scoring a predictable
+    id there keeps every intermediate finite, so no inf·0 can turn into a NaN gradient."""
+    return jnp.where(batch.masked_BxL, batch.tokens_BxL, 0)
 
 
-def weighted_token_losses(logits_BxLxV: jax.Array, batch: Corrupted) -> jax.Array:
-    """w(t)·CE at masked valid positions and 0 elsewhere: the summands of the NELBO."""
-    # Unscored positions may hold [PAD], whose logit is −inf; scoring id 0 there instead
-    # keeps every intermediate finite, so no inf·0 can turn into a NaN gradient.
-    targets_BxL = jnp.where(batch.masked_BxL, batch.tokens_BxL, 0)
-    ce_BxL = token_cross_entropy(logits_BxLxV, targets_BxL)
-    return jnp.where(batch.masked_BxL, (batch.weight_B * batch.unbias_B)[:, None] * ce_BxL, 0.0)
+def batch_scores(model: Callable, batch: Corrupted) -> TokenScores:
+    """The denoiser's scores (`Denoiser.scores`: −log p, argmax, max log-prob) of `batch`
+    against `scoring_targets`, computed without holding the whole logits."""
+    return model.scores(batch.noisy_BxL, batch.valid_BxL, batch.t_B, scoring_targets(batch))
+
+
+def weighted_token_losses(nll_BxL: jax.Array, batch: Corrupted) -> jax.Array:
+    """w(t)·CE at masked valid positions and 0 elsewhere: the summands of the NELBO, from
+    −log p(token) against `scoring_targets(batch)` (`TokenScores.nll_BxL`)."""
+    return jnp.where(batch.masked_BxL, (batch.weight_B * batch.unbias_B)[:, None] * nll_BxL, 0.0)
 
 
 def num_valid_tokens(batch: Corrupted) -> jax.Array:
@@ -36,6 +43,7 @@ def num_valid_tokens(batch: Corrupted) -> jax.Array:
     return jnp.maximum(batch.valid_BxL.sum(), 1).astype(jnp.float32)
 
 
-def correct_predictions(logits_BxLxV: jax.Array, batch: Corrupted) -> jax.Array:
-    """True where the argmax prediction equals the target at a masked valid position."""
-    return (jnp.argmax(logits_BxLxV, axis=-1) == batch.tokens_BxL) & batch.masked_BxL
+def correct_predictions(predicted_BxL: jax.Array, batch: Corrupted) -> jax.Array:
+    """True where the argmax prediction (`TokenScores.predicted_BxL`) equals the target at a
+    masked valid position."""
+    return (predicted_BxL == batch.tokens_BxL) & batch.masked_BxL

@@ -41,9 +41,10 @@ from jax.experimental import multihost_utils
 
 from tdlm_jax.data import dataset
 from tdlm_jax.diffusion.corruption import ForwardProcess, corrupt_at_times
-from tdlm_jax.diffusion.loss import correct_predictions, weighted_token_losses
+from tdlm_jax.diffusion.loss import correct_predictions, scoring_targets, weighted_token_losses
 from tdlm_jax.errors import ConfigError, DataError
 from tdlm_jax.metrics.aggregation import perplexity
+from tdlm_jax.model.head import scores_from_logits
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import config as config_lib
 
@@ -96,15 +97,16 @@ def sample_stats(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, seq_i
                                      length=tokens_BxL.shape[1])
     batch = corrupt_at_times(process, tokens_BxL, valid_BxL, t_B, uniforms_BxL)
     logits_BxLxV = model_fn(params, batch.noisy_BxL, batch.valid_BxL, batch.t_B)
+    scores = scores_from_logits(logits_BxLxV, scoring_targets(batch))
     # The loss code with unit weights gives the plain CE of the masked tokens, so the curve
     # shares every detail (padding, float32 log-softmax) with the NELBO itself.
     unweighted = batch.replace(weight_B=jnp.ones_like(batch.weight_B))
     return {
         "mask_rate": batch.mask_rate_B,
-        "nelbo": weighted_token_losses(logits_BxLxV, batch).sum(axis=-1),
-        "ce": weighted_token_losses(logits_BxLxV, unweighted).sum(axis=-1),
+        "nelbo": weighted_token_losses(scores.nll_BxL, batch).sum(axis=-1),
+        "ce": weighted_token_losses(scores.nll_BxL, unweighted).sum(axis=-1),
         "masked": batch.masked_BxL.sum(axis=-1),
-        "correct": correct_predictions(logits_BxLxV, batch).sum(axis=-1),
+        "correct": correct_predictions(scores.predicted_BxL, batch).sum(axis=-1),
     }
 
 

@@ -2,6 +2,10 @@
 attention distributions. Computed every `training.attention_analysis_steps` by a separate
 jitted forward pass (`tdlm_jax.training.step.analysis_step`), never inside the train step.
 
+The pass analyses `training.analysis_rows` rows of the step's batch (`analysed_rows`:
+evenly spaced, at most 8 by default), corrupted exactly as the step corrupted them, so its
+memory is bounded whatever the batch; every metric below is over those rows.
+
 Padding is masked out everywhere: only valid positions count, as positions, as queries and
 as keys, so whatever the model computes at padding cannot move a metric. A metric with
 nothing to average over (no valid position in the batch) is missing (NaN), never 0.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.tier1 import safe_ratio
@@ -72,38 +77,55 @@ def hidden_state_norm(hidden_BxLxD: jax.Array, valid_BxL: jax.Array) -> jax.Arra
     return safe_ratio(norm_BxL.sum(), valid_BxL.sum())
 
 
-def attention_entropies(probs_KxBxNxLxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
-    """Entropy (nats) of each attention row over the valid keys: float32[K, B, N, L].
+def attention_entropies(probs_BxNxLxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """Entropy (nats) of each attention row of one layer over the valid keys: float32[B, N, L].
 
     Padding keys are left out of the sum; they hold probability 0 in the model anyway.
     """
-    probs_KxBxNxLxL = probs_KxBxNxLxL.astype(jnp.float32)
-    counted = valid_BxL[None, :, None, None, :] & (probs_KxBxNxLxL > 0)
+    probs_BxNxLxL = probs_BxNxLxL.astype(jnp.float32)
+    counted = valid_BxL[:, None, None, :] & (probs_BxNxLxL > 0)
     # log of 1 where p is not counted: keeps 0·log 0 (and garbage) from producing NaN.
-    p_log_p = probs_KxBxNxLxL * jnp.log(jnp.where(counted, probs_KxBxNxLxL, 1.0))
+    p_log_p = probs_BxNxLxL * jnp.log(jnp.where(counted, probs_BxNxLxL, 1.0))
     return -jnp.where(counted, p_log_p, 0.0).sum(axis=-1)
 
 
+def layer_attention_entropy(probs_BxNxLxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """Mean attention entropy of one layer over its heads and valid queries: a float32 scalar.
+
+    What the analysis pass keeps of each layer's probabilities (`Denoiser.residual_stream`'s
+    `attention_summary`), so it never holds more than one layer's [B, heads, L, L].
+    """
+    entropy_BxNxL = attention_entropies(probs_BxNxLxL, valid_BxL)
+    total = jnp.where(valid_BxL[:, None, :], entropy_BxNxL, 0.0).sum()
+    return safe_ratio(total, probs_BxNxLxL.shape[1] * valid_BxL.sum())
+
+
 def attention_entropy_by_layer(probs_KxBxNxLxL: jax.Array, valid_BxL: jax.Array) -> jax.Array:
-    """Mean attention entropy of each layer over heads and valid queries: float32[K]."""
-    entropy_KxBxNxL = attention_entropies(probs_KxBxNxLxL, valid_BxL)
-    valid_query_1xBx1xL = valid_BxL[None, :, None, :]
-    num_heads = probs_KxBxNxLxL.shape[2]
-    total_K = jnp.where(valid_query_1xBx1xL, entropy_KxBxNxL, 0.0).sum(axis=(1, 2, 3))
-    return safe_ratio(total_K, num_heads * valid_BxL.sum())
+    """`layer_attention_entropy` of every layer of stacked probabilities: float32[K]."""
+    return jax.vmap(layer_attention_entropy, in_axes=(0, None))(probs_KxBxNxLxL, valid_BxL)
 
 
-def advanced_metrics(hidden_BxLxD: jax.Array, attention_probs_KxBxNxLxL: jax.Array, valid_BxL: jax.Array
+def analysed_rows(batch_size: int, max_rows: int) -> np.ndarray:
+    """The rows of a batch the analysis pass takes: `max_rows` of them (all if fewer),
+    evenly spaced, so that under stratified time sampling (row i in stratum i) they span
+    the corruption levels, and its memory does not grow with the batch."""
+    count = min(batch_size, max_rows)
+    return (np.arange(count) * batch_size) // count
+
+
+def advanced_metrics(hidden_BxLxD: jax.Array, entropy_by_layer_K: jax.Array, valid_BxL: jax.Array
                      ) -> dict[str, jax.Array]:
-    """All tier-3 metrics of one batch as float32 scalars; names as in the metrics guide."""
-    by_layer_K = attention_entropy_by_layer(attention_probs_KxBxNxLxL, valid_BxL)
+    """All tier-3 metrics of one batch as float32 scalars; names as in the metrics guide.
+
+    `entropy_by_layer_K` is `layer_attention_entropy` of each layer's probabilities.
+    """
     out = {
         names.ATTENTION_ENTROPY_PROXY: attention_entropy_proxy(hidden_BxLxD, valid_BxL),
         names.HIDDEN_STATE_NORM: hidden_state_norm(hidden_BxLxD, valid_BxL),
         names.SEQUENCE_DIVERSITY: sequence_diversity(hidden_BxLxD, valid_BxL),
         # Each layer has the same valid queries and heads, so the pooled mean is the mean of layers.
-        names.ATTENTION_ENTROPY: by_layer_K.mean(),
+        names.ATTENTION_ENTROPY: entropy_by_layer_K.mean(),
     }
-    for layer in range(by_layer_K.shape[0]):
-        out[names.LAYER_ATTENTION_ENTROPY.format(layer=layer)] = by_layer_K[layer]
+    for layer in range(entropy_by_layer_K.shape[0]):
+        out[names.LAYER_ATTENTION_ENTROPY.format(layer=layer)] = entropy_by_layer_K[layer]
     return {name: value.astype(jnp.float32) for name, value in out.items()}

@@ -33,8 +33,9 @@ from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess
 from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.catalogue import BUCKETS, bucket_name
 from tdlm_jax.metrics.tier1 import correct_rows, safe_ratio
+from tdlm_jax.model.head import TokenScores
 
-# (params, batch) -> (per-row NELBO contributions float32[rows], logits [rows, L, V])
+# (params, batch) -> (per-row NELBO contributions float32[rows], their TokenScores [rows, L])
 RowLossFn = Callable[[Any, Corrupted], tuple[jax.Array, jax.Array]]
 
 
@@ -56,48 +57,48 @@ def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, proc
                      ) -> tuple[list[Any], jax.Array, jax.Array]:
     """∇θ L_b for every bucket, by separate gradient computations of bucket-restricted losses.
 
-    Returns (gradients by bucket, per-row losses float32[B], logits [B, L, V]).
+    Returns (gradients by bucket, per-row losses float32[B], TokenScores [B, L]).
     """
     if not process.static_buckets:
         return masked_bucket_gradients(row_loss_fn, params, batch, row_buckets(process, batch))
-    grads, row_losses, logits = [], [], []
+    grads, row_losses, scores = [], [], []
     for start, stop in process.plan.rows:
         if stop == start:  # a bucket with no rows has a zero gradient
             grads.append(jax.tree.map(jnp.zeros_like, params))
             continue
         sub_batch = batch.rows(start, stop)
         bucket_loss = lambda p: summed(row_loss_fn(p, sub_batch))
-        grad_b, (rows_b, logits_b) = jax.grad(bucket_loss, has_aux=True)(params)
+        grad_b, (rows_b, scores_b) = jax.grad(bucket_loss, has_aux=True)(params)
         grads.append(grad_b)
         row_losses.append(rows_b)
-        logits.append(logits_b)
-    return grads, jnp.concatenate(row_losses), jnp.concatenate(logits)
+        scores.append(scores_b)
+    return grads, jnp.concatenate(row_losses), jax.tree.map(lambda *rows: jnp.concatenate(rows), *scores)
 
 
 def masked_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, buckets_B: jax.Array
                             ) -> tuple[list[Any], jax.Array, jax.Array]:
     """`bucket_gradients` for rows whose buckets are data (`buckets_B`), not a static layout:
     one forward pass, and its VJP pulled back once per bucket-masked cotangent."""
-    rows_B, pullback, logits = jax.vjp(lambda p: row_loss_fn(p, batch), params, has_aux=True)
+    rows_B, pullback, scores = jax.vjp(lambda p: row_loss_fn(p, batch), params, has_aux=True)
     grads = [pullback((buckets_B == b).astype(rows_B.dtype))[0] for b in range(len(BUCKETS))]
-    return grads, rows_B, logits
+    return grads, rows_B, scores
 
 
-def summed(rows_and_logits: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(Σ rows, (rows, logits)): a row-loss function's output in the form jax.grad(has_aux) takes."""
-    rows, logits = rows_and_logits
-    return rows.sum(), (rows, logits)
+def summed(rows_and_aux: tuple[jax.Array, Any]) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    """(Σ rows, (rows, aux)): a row-loss function's output in the form jax.grad(has_aux) takes."""
+    rows, aux = rows_and_aux
+    return rows.sum(), (rows, aux)
 
 
-def difficulty_rows(logits_BxLxV: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
+def difficulty_rows(scores: TokenScores, batch: Corrupted) -> dict[str, jax.Array]:
     """Per-row sums of the prediction difficulty 1 − max_v p(v) over masked valid tokens, and
     its per-row centred second moment Σ (d − d̄_row)²: what the weight–difficulty statistics
-    need of the logits (see `tier1.correct_rows` for why the step reduces logits to rows).
+    need of the scores (see `tier1.correct_rows` for why the step reduces them to rows).
 
     Centring within the row keeps the variance exact when difficulties are nearly equal (an
     untrained model's are all ≈ 1 − 1/V), where E[d²] − E[d]² in float32 would cancel.
     """
-    difficulty_BxL = 1.0 - jnp.exp(jnp.max(jax.nn.log_softmax(logits_BxLxV, axis=-1), axis=-1))
+    difficulty_BxL = 1.0 - jnp.exp(scores.max_log_prob_BxL)
     masked_BxL = batch.masked_BxL
     sum_B = jnp.where(masked_BxL, difficulty_BxL, 0.0).sum(axis=-1)
     mean_B = sum_B / jnp.maximum(masked_BxL.sum(axis=-1), 1)
@@ -105,9 +106,9 @@ def difficulty_rows(logits_BxLxV: jax.Array, batch: Corrupted) -> dict[str, jax.
     return {"difficulty_sum_B": sum_B, "difficulty_m2_B": m2_B}
 
 
-def row_statistics(logits_BxLxV: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
-    """Everything `research_metrics` needs of the logits, as per-row sums."""
-    return {"correct_B": correct_rows(logits_BxLxV, batch), **difficulty_rows(logits_BxLxV, batch)}
+def row_statistics(scores: TokenScores, batch: Corrupted) -> dict[str, jax.Array]:
+    """Everything `research_metrics` needs of the scores, as per-row sums."""
+    return {"correct_B": correct_rows(scores, batch), **difficulty_rows(scores, batch)}
 
 
 def research_metrics(rows: dict[str, jax.Array], batch: Corrupted, process: ForwardProcess,

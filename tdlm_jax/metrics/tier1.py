@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from tdlm_jax.diffusion.corruption import Corrupted
 from tdlm_jax.diffusion.loss import correct_predictions
 from tdlm_jax.metrics import catalogue as names
+from tdlm_jax.model.head import TokenScores
 
 
 def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -21,21 +22,21 @@ def safe_ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), jnp.nan)
 
 
-def correct_rows(logits_BxLxV: jax.Array, batch: Corrupted) -> jax.Array:
+def correct_rows(scores: TokenScores, batch: Corrupted) -> jax.Array:
     """float32[B]: each row's correct argmax predictions at masked valid positions.
 
-    The train step reduces logits to per-row sums like this one right after each forward
-    pass, so that under gradient accumulation a microbatch's [b, L, V] logits can be
+    The train step reduces its scores to per-row sums like this one right after each forward
+    pass, so that under gradient accumulation a microbatch's per-position values can be
     dropped; the pooled metrics are then computed once over the global batch's rows.
     """
-    return correct_predictions(logits_BxLxV, batch).sum(axis=-1).astype(jnp.float32)
+    return correct_predictions(scores.predicted_BxL, batch).sum(axis=-1).astype(jnp.float32)
 
 
 def tier1_metrics(correct_B: jax.Array, batch: Corrupted) -> dict[str, jax.Array]:
     """metrics/mask_accuracy, metrics/total_masked_tokens and metrics/valid_ratio.
 
     - mask_accuracy: correct argmax predictions / masked valid tokens (`correct_B` is
-      `correct_rows` of the batch's logits).
+      `correct_rows` of the batch's scores).
     - total_masked_tokens: masked valid tokens in the global batch.
     - valid_ratio: of all positions whose mask was drawn, the share that are real tokens
       (not padding). 1.0 on packed data; low values mean the batch is mostly padding.

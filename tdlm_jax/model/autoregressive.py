@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tdlm_jax.diffusion.loss import token_cross_entropy
+from tdlm_jax.model.head import TokenScores
 
 
 def shift_right(x_BxL: jax.Array, first: Any) -> jax.Array:
@@ -30,21 +30,23 @@ def next_token_logits(model: Callable, tokens_BxL: jax.Array, valid_BxL: jax.Arr
 
 
 def token_nll(graphdef: nnx.GraphDef, params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array,
-              start_id: int) -> tuple[jax.Array, jax.Array]:
-    """(−log p(token | tokens before it) at valid positions, 0 elsewhere; logits)."""
-    logits = next_token_logits(nnx.merge(graphdef, params), tokens_BxL, valid_BxL, start_id)
-    ce_BxL = token_cross_entropy(logits, jnp.where(valid_BxL, tokens_BxL, 0))
-    return jnp.where(valid_BxL, ce_BxL, 0.0), logits
+              start_id: int) -> tuple[jax.Array, TokenScores]:
+    """(−log p(token | tokens before it) at valid positions, 0 elsewhere; the model's scores),
+    computed without holding the whole logits (`Denoiser.scores`)."""
+    model = nnx.merge(graphdef, params)
+    scores = model.scores(shift_right(tokens_BxL, start_id), shift_right(valid_BxL, True), None,
+                          jnp.where(valid_BxL, tokens_BxL, 0))
+    return jnp.where(valid_BxL, scores.nll_BxL, 0.0), scores
 
 
 def row_losses(graphdef: nnx.GraphDef, params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array,
-               start_id: int, num_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               start_id: int, num_valid: jax.Array | None = None) -> tuple[jax.Array, TokenScores]:
     """Each row's NLL, summed over its valid tokens and divided by the batch's valid tokens
     (`num_valid`, passed in when these rows are a microbatch of a larger batch)."""
-    nll_BxL, logits = token_nll(graphdef, params, tokens_BxL, valid_BxL, start_id)
+    nll_BxL, scores = token_nll(graphdef, params, tokens_BxL, valid_BxL, start_id)
     if num_valid is None:
         num_valid = jnp.maximum(valid_BxL.sum(), 1).astype(jnp.float32)
-    return nll_BxL.sum(axis=-1) / num_valid, logits
+    return nll_BxL.sum(axis=-1) / num_valid, scores
 
 
 def nll_float64(logits_BxLxV: np.ndarray, tokens_BxL: np.ndarray, valid_BxL: np.ndarray) -> np.ndarray:

@@ -3,9 +3,13 @@
 A training step costs 6·N FLOPs per token for the weight matmuls (2·N forward, 4·N
 backward: the gradients with respect to activations and to weights), plus the attention
 scores q·kᵀ and the weighted values p·v, which have no parameters: 4·seq·d_model FLOPs per
-token and layer forward, 12·seq·d_model with the backward pass. The attention is
-bidirectional, so nothing is halved for causality; the autoregressive baseline's causal
-mask is applied to the full score matrix, so the full count is also what it computes.
+token and layer forward, 12·seq·d_model with the backward pass. The denoiser's attention is
+bidirectional, so that is its count. The autoregressive baseline (`cfg.causal`) needs only
+the score pairs at or before each query, and its attention term is halved (2·seq·d_model
+forward, 6·seq·d_model with the backward pass): those pairs are (seq + 1)/(2·seq) of the
+matrix, which the count rounds to 1/2, as FlashAttention's benchmarks do. cuDNN, told
+`is_causal`, skips the masked tiles; the XLA path computes the full score matrix and masks
+it, so there the hardware does twice the attention FLOPs that are counted.
 
 What N counts (`matmul_params`): every weight that multiplies each token's activations once:
 per layer the fused q/k/v projection (3·d²), the output projection (d²) and the SwiGLU
@@ -30,8 +34,10 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Forward FLOPs per token of q·kᵀ and p·v over all layers: 2·2·seq·d_model per layer."""
-    return 4 * cfg.num_layers * seq_len * cfg.d_model
+    """Forward FLOPs per token of q·kᵀ and p·v over all layers: 2·2·seq·d_model per layer,
+    half that (2·seq·d_model) for the causal baseline."""
+    per_layer = 4 * seq_len * cfg.d_model
+    return cfg.num_layers * (per_layer // 2 if cfg.causal else per_layer)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -44,7 +50,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one training step, per token: 3× the forward pass, i.e.
-    6·N + 12·layers·seq·d_model (+ time conditioning)."""
+    6·N + 12·layers·seq·d_model (6·layers·seq·d_model if causal) (+ time conditioning)."""
     return 3.0 * forward_flops_per_token(cfg, seq_len)
 
 

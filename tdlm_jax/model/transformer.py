@@ -5,9 +5,11 @@ dtype (bfloat16 for speed), and logits are always returned in float32. Attention
 bidirectional and never attends to padding keys.
 
 For the tier-3 (advanced) metrics the denoiser can also return its internals
-(`return_internals=True`): the final hidden states and every layer's attention
-probabilities. That path computes attention explicitly, with the same arithmetic as the
-fused `jax.nn.dot_product_attention`, so it changes what is returned, not the logits.
+(`attention_summary=`): the final hidden states and a summary of every layer's attention
+probabilities, reduced inside the layer loop. That path computes attention explicitly, with
+the same arithmetic as the fused `jax.nn.dot_product_attention`, so it changes what is
+returned, not the logits. Training never takes the whole logits: `Denoiser.scores` gives
+what the losses and metrics need of them, chunk by chunk (`tdlm_jax.model.head`).
 
 The [MASK] and [PAD] ids are never predicted: their logits are −inf (MDLM's SUBS
 parameterization), so the model's distribution is over the `num_predictable` text ids only.
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tdlm_jax.errors import ConfigError
+from tdlm_jax.model.head import TokenScores, chunked_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +92,32 @@ def attention_mask(valid_BxL: jax.Array, causal: bool) -> jax.Array:
     return mask
 
 
+def cudnn_attention_args(valid_BxL: jax.Array, causal: bool) -> dict[str, Any]:
+    """The keyword arguments of `jax.nn.dot_product_attention` with which cuDNN attends as
+    `attention_mask(valid_BxL, causal)` allows, at every valid query: no bias and no mask,
+    but each row's valid-token count as `query_seq_lengths` and `key_value_seq_lengths`
+    (int32[B]), and `is_causal` for the autoregressive baseline.
+
+    jax then asks cuDNN for its PADDING (or PADDING_CAUSAL) mask, which the kernel builds
+    itself: there is no dense [B, 1, L, L] bias to read, so no dbias to compute in the
+    backward pass, and the kernel skips the tiles past a row's length or above the diagonal.
+
+    Correct only because padding is a suffix of every row (`valid_BxL` a prefix), which is
+    how the data is laid out: `data.pipeline` pads only the end of a window and fills
+    evaluation batches with whole rows of padding; the autoregressive baseline shifts that
+    right behind a leading True (still a prefix); the samplers pass all True. A mask with
+    holes would be read as its count of True entries: it needs the XLA path.
+
+    Queries past a row's length get output 0 rather than the XLA path's attention over the
+    valid keys; nothing reads them (no valid query attends to a padding key, and the losses
+    and metrics skip padding positions). Lengths are at least 1: a row that is all padding
+    would otherwise leave cuDNN a softmax over no key, whose result jax does not define; with
+    1, its first position attends to itself and every value stays finite (and unread).
+    """
+    lengths_B = jnp.maximum(valid_BxL.sum(axis=-1, dtype=jnp.int32), 1)
+    return {"query_seq_lengths": lengths_B, "key_value_seq_lengths": lengths_B, "is_causal": causal}
+
+
 def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array,
                        mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Attention over the keys `mask` allows, written out so the probabilities are visible.
@@ -118,8 +148,9 @@ def cudnn_unsupported(dtype: str, head_dim: int, seq_len: int, device: jax.Devic
 
     The limits are those `jax.nn.dot_product_attention(implementation='cudnn')` checks:
     an NVIDIA GPU, bf16 or fp16 inputs, a head dim that is a multiple of 8 and at most 128
-    (256 from Hopper, compute capability 9.0, on), and, because the padding mask reaches
-    the kernel as a bias, an even sequence length for its backward pass.
+    (256 from Hopper, compute capability 9.0, on). `seq_len` sets no limit: jax requires an
+    even sequence length for the backward pass only with a bias, and the padding reaches
+    cuDNN as sequence lengths (`cudnn_attention_args`), not as a bias.
     """
     if device.platform != "gpu" or "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
         return f"needs an NVIDIA GPU, not {device.platform} ({device.device_kind})"
@@ -129,8 +160,6 @@ def cudnn_unsupported(dtype: str, head_dim: int, seq_len: int, device: jax.Devic
     max_head_dim = 256 if capability >= (9, 0) else 128
     if head_dim % 8 or head_dim > max_head_dim:
         return f"needs a head dim (d_model / num_heads) that is a multiple of 8, at most {max_head_dim}: not {head_dim}"
-    if seq_len % 2:
-        return f"needs an even sequence length, not {seq_len}"
     return None
 
 
@@ -180,9 +209,9 @@ class Attention(nnx.Module):
         impl = resolve_attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim, length)
         if return_probs or impl == "xla":
             out_BxLxNxH, probs_BxNxLxL = explicit_attention(q, k, v, mask)
-        else:  # cuDNN takes the mask as an additive bias, which must span [B, 1, queries, keys]
-            mask_Bx1xLxL = jnp.broadcast_to(mask, (batch, 1, length, length))
-            out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL, implementation="cudnn")
+        else:  # cuDNN builds the padding (and causal) mask itself from sequence lengths
+            out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, **cudnn_attention_args(valid_BxL, cfg.causal),
+                                                       implementation="cudnn")
         out_BxLxD = self.out(out_BxLxNxH.reshape(batch * length, cfg.d_model)).reshape(batch, length, cfg.d_model)
         return (out_BxLxD, probs_BxNxLxL) if return_probs else out_BxLxD
 
@@ -231,40 +260,64 @@ class Denoiser(nnx.Module):
         self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.head = _linear(cfg.d_model, cfg.vocab_size, cfg, rngs, float32_output=True)
 
+    def embed_tokens(self, ids_BxL: jax.Array) -> jax.Array:
+        """The embeddings of `ids_BxL` in the compute dtype, gathered from the float32 table
+        and then cast (`nnx.Embed` casts the whole table first, so its gradient, a scatter-add
+        of tens of thousands of [MASK] rows per step, would be summed in bf16)."""
+        return jnp.take(self.embed.embedding[...], ids_BxL, axis=0).astype(self.cfg.dtype)
+
+    def residual_stream(self, noisy_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array | None = None, *,
+                        attention_summary: Callable[[jax.Array], Any] | None = None) -> tuple[jax.Array, Any]:
+        """(The residual stream after the last block [B, L, D] in the compute dtype, None), or
+        with `attention_summary`, a function of one layer's float32 attention probabilities
+        [B, heads, queries, keys] (padding keys get probability 0), (stream, its values for
+        every layer stacked on a leading axis). Each layer's probabilities are reduced inside
+        the layer loop, so no more than one layer's [B, heads, L, L] is ever built."""
+        x = self.embed_tokens(noisy_BxL)
+        if self.time_proj is not None:
+            x = x + self.time_proj(timestep_embedding(t_B, self.cfg.d_model).astype(x.dtype))[:, None, :]
+        summaries = []
+        run_block = _rematerialized(self.cfg.remat_policy) if self.cfg.remat else _call_block
+        for block in self.blocks:
+            if attention_summary is not None:
+                x, probs_BxNxLxL = block(x, valid_BxL, return_probs=True)
+                summaries.append(attention_summary(probs_BxNxLxL))
+            else:
+                x = run_block(block, x, valid_BxL)
+        if attention_summary is None:
+            return x, None
+        return x, jax.tree.map(lambda *layers: jnp.stack(layers), *summaries)
+
     def __call__(self, noisy_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array | None = None, *,
-                 return_internals: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+                 attention_summary: Callable[[jax.Array], Any] | None = None
+                 ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
         """Returns float32 logits [B, L, vocab_size], −inf at ids that are never predicted.
 
-        With `return_internals`, returns (logits, internals), where internals holds
+        With `attention_summary` (see `residual_stream`), returns (logits, internals), where
+        internals holds
         - "hidden_BxLxD": the residual stream after the last block, *before* the final
           RMSNorm, float32. Pre-norm, because the norm rescales every position to RMS ≈ 1
           (times a learned gain), which would hide exactly the growth and collapse of
           the representations that the advanced metrics are meant to show.
-        - "attention_probs_KxBxNxLxL": every layer's attention probabilities, float32
-          [layers, B, heads, queries, keys]; padding keys get probability 0.
+        - "attention_by_layer": `attention_summary` of every layer's attention probabilities,
+          stacked [layers, ...] (`lambda p: p` gives all of them, [layers, B, heads, L, L]).
         The logits are the same as without internals (up to float rounding).
         """
-        x = self.embed(noisy_BxL)
-        if self.time_proj is not None:
-            x = x + self.time_proj(timestep_embedding(t_B, self.cfg.d_model).astype(x.dtype))[:, None, :]
-        probs_by_layer = []
-        run_block = _rematerialized(self.cfg.remat_policy) if self.cfg.remat else _call_block
-        for block in self.blocks:
-            if return_internals:
-                x, probs_BxNxLxL = block(x, valid_BxL, return_probs=True)
-                probs_by_layer.append(probs_BxNxLxL)
-            else:
-                x = run_block(block, x, valid_BxL)
+        x, by_layer = self.residual_stream(noisy_BxL, valid_BxL, t_B, attention_summary=attention_summary)
         logits = self.head(self.final_norm(x)).astype(jnp.float32)
         predictable_V = jnp.arange(self.cfg.vocab_size) < self.cfg.num_predictable
         logits = jnp.where(predictable_V, logits, -jnp.inf)
-        if not return_internals:
+        if attention_summary is None:
             return logits
-        internals = {
-            "hidden_BxLxD": x.astype(jnp.float32),
-            "attention_probs_KxBxNxLxL": jnp.stack(probs_by_layer),
-        }
-        return logits, internals
+        return logits, {"hidden_BxLxD": x.astype(jnp.float32), "attention_by_layer": by_layer}
+
+    def scores(self, noisy_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array | None, targets_BxL: jax.Array
+               ) -> TokenScores:
+        """What training needs of the logits at every position, against `targets_BxL`
+        (predictable ids everywhere), computed by `head.chunked_scores`: the same values as
+        `scores_from_logits(self(...), targets)`, without holding the whole logits."""
+        x, _ = self.residual_stream(noisy_BxL, valid_BxL, t_B)
+        return chunked_scores(self.final_norm(x), self.head.kernel[...], targets_BxL, self.cfg.num_predictable)
 
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")

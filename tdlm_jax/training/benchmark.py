@@ -20,6 +20,7 @@ compares two numbers measured under the same load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import time
@@ -35,20 +36,23 @@ from tdlm_jax.errors import ConfigError
 from tdlm_jax.model import flops as flops_lib
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import config as config_lib
+from tdlm_jax.training import programs
 from tdlm_jax.training import step as step_lib
-from tdlm_jax.training.setup import build_model_and_optimizer, initial_state, train_step_statics
+from tdlm_jax.training.setup import build_model_and_optimizer, initial_state, jitted_steps, train_step_statics
 
-MODES = ("train", "tiers", "data")
+MODES = ("train", "tiers", "data", "memory")
 
 # Dense (no sparsity) bf16 peak FLOP/s per device, from the vendors' datasheets: NVIDIA's
 # tensor-core figures "with sparsity" halved; Google Cloud's per-chip TPU figures (a jax
 # device is one chip from v4 on). Matched in order against jax's `device_kind`, lowercased.
 DEVICE_PEAKS: tuple[tuple[str, str, float], ...] = (
     (r"h100.*pcie", "NVIDIA H100 PCIe", 756e12),
+    (r"h800.*pcie", "NVIDIA H800 PCIe", 756e12),  # before the bare h800 (SXM) entry, as for the H100
     (r"h100.*nvl", "NVIDIA H100 NVL", 835e12),
     (r"h200.*nvl", "NVIDIA H200 NVL", 835e12),
     (r"gh200", "NVIDIA GH200", 989e12),
-    (r"h100|h800", "NVIDIA H100 SXM", 989e12),
+    (r"h100", "NVIDIA H100 SXM", 989e12),
+    (r"h800", "NVIDIA H800 SXM", 989e12),
     (r"h200", "NVIDIA H200 SXM", 989e12),
     (r"a100|a800", "NVIDIA A100", 312e12),
     (r"l40s", "NVIDIA L40S", 362e12),
@@ -154,8 +158,10 @@ class Setup:
     state: Any  # the current TrainState; the step donates it, so variants replace it
     train_fn: Callable
     bare_fn: Callable
+    eval_fn: Callable
     analysis_fn: Callable | None  # None for the autoregressive baseline (no tier 3)
     is_diffusion: bool
+    mesh: Any
 
     def step(self, fn: Callable, **kwargs) -> Callable[[], Any]:
         """A variant that advances `state` by one step of `fn` and returns the new state."""
@@ -189,12 +195,10 @@ def build_setup(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
     state_shardings = sharding.state_shardings(mesh, state)
     tc = config.training
     static = train_step_statics(config, graphdef, optimizer, lr_schedule, tok.mask_id)
-    process = static["process"]
-    train_fn = step_lib.jit_train_step(mesh, state_shardings, **static)
+    train_fn, eval_fn, analysis_fn = jitted_steps(config, mesh, state, static)
     bare_fn = jax.jit(lambda s, t, v: step_lib.train_step(s, t, v, detailed=False, **static)[0],
                       donate_argnums=(0,), out_shardings=state_shardings)
     is_diffusion = config.model.kind == "diffusion"
-    analysis_fn = step_lib.jit_analysis_step(mesh, graphdef=graphdef, process=process) if is_diffusion else None
     rng = np.random.default_rng(seed)
     shape = (tc.batch_size, config.data.seq_len)
     rows = tc.batch_size // jax.process_count()  # each host feeds its own rows
@@ -202,8 +206,8 @@ def build_setup(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
              "valid": np.ones(shape, bool)[:rows]}
     batch = sharding.global_batch(local, mesh)
     return Setup(config=config, model_cfg=model_cfg, tokens_per_step=shape[0] * shape[1], tokens=batch["tokens"],
-                 valid=batch["valid"], state=state, train_fn=train_fn, bare_fn=bare_fn, analysis_fn=analysis_fn,
-                 is_diffusion=is_diffusion)
+                 valid=batch["valid"], state=state, train_fn=train_fn, bare_fn=bare_fn, eval_fn=eval_fn,
+                 analysis_fn=analysis_fn, is_diffusion=is_diffusion, mesh=mesh)
 
 
 def default_matmul(platform: str) -> tuple[int, Any, int]:
@@ -283,3 +287,17 @@ def run_data(setup: Setup, *, steps: int, repeats: int, num_batches: int, workdi
     produced = float(pipeline["tokens_per_second"])
     return {"pipeline": pipeline, "pipeline_tokens_per_second": produced, "step_tokens_per_second": consumed,
             "pipeline_to_step_ratio": produced / consumed}
+
+
+def run_memory(setup: Setup) -> dict[str, Any]:
+    """Every program a run of the config would use, compiled (not run) as the run compiles them
+    before its first step (`tdlm_jax.training.programs`), and the memory XLA assigns each."""
+    config = setup.config
+    variants = [programs.TRAIN, programs.DETAILED, programs.EVAL, programs.ANALYSIS]
+    if not setup.is_diffusion:
+        variants = [programs.TRAIN, programs.EVAL]
+    compiled = programs.compile_programs(config, setup.mesh, setup.state, train_fn=setup.train_fn,
+                                         eval_fn=setup.eval_fn, analysis_fn=setup.analysis_fn, variants=variants,
+                                         announce=lambda label: contextlib.nullcontext())
+    capacity, source = programs.device_capacity(jax.devices()[0])
+    return {"programs": list(compiled.values()), "capacity": capacity, "source": source}

@@ -10,9 +10,9 @@ from process 0 only, so the other hosts load them only if the directory is share
 
 `CompileCounter` counts, per function name, how often JAX traced a jitted function to a
 jaxpr and how often XLA compiled one, from the events JAX reports to `jax.monitoring`
-listeners. The training loop uses it to warn when the train step compiles more than once
-per variant (ordinary, detailed): a silent recompile costs as much as the first compile,
-at every step that triggers it.
+listeners: the tests' evidence that a run compiles each program once (the loop calls the
+programs `tdlm_jax.training.programs` compiled before the first step, so nothing in it can
+recompile silently: an input of another shape or sharding would be an error).
 """
 
 from __future__ import annotations
@@ -165,35 +165,3 @@ def process_counter() -> CompileCounter:
         if _PROCESS_COUNTER is None:
             _PROCESS_COUNTER = CompileCounter().__enter__()
         return _PROCESS_COUNTER
-
-
-class RecompileCheck:
-    """Warns when a jitted function compiles more often than it has variants.
-
-    Created before a loop, it remembers how often `name` had been traced and compiled so
-    far in the process; `check(variants)` after each call logs a warning (once per new
-    count) if more traces or compiles have happened since than the `variants` the loop has
-    called (the train step has two, ordinary and detailed, each compiled once).
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._counter = process_counter()
-        self._base = (self._counter.traces(name), self._counter.compiles(name))
-        self._warned = 0
-
-    def count(self) -> int:
-        """The traces or compiles (whichever is more) of `name` since this check was created."""
-        return max(self._counter.traces(self.name) - self._base[0], self._counter.compiles(self.name) - self._base[1])
-
-    def check(self, variants: int) -> bool:
-        """True (and a warning, once per new count) if `name` compiled more than `variants` times."""
-        count = self.count()
-        if count <= variants:
-            return False
-        if count > self._warned:
-            self._warned = count
-            logging.warning("%s has compiled %d times for %d variant(s): an input's shape, dtype or sharding "
-                            "changes between steps, and every recompile costs as much as the first compile",
-                            self.name, count, variants)
-        return True

@@ -42,7 +42,7 @@ POSITIVE_INTS = (
     "training.detailed_metrics_steps", "training.attention_analysis_steps",
     "training.eval_every_n_steps", "training.checkpoint_every_n_steps",
     "training.max_checkpoints_to_keep", "training.max_consecutive_nonfinite", "sampling.steps",
-    "training.grad_accum_steps",
+    "training.grad_accum_steps", "training.analysis_rows",
 )
 CHOICES = {
     "model.kind": OBJECTIVES,

@@ -38,7 +38,7 @@ from tdlm_jax.metrics.jsonl import SAMPLES_FILE
 from tdlm_jax.metrics.health_thresholds import thresholds_from_config
 from tdlm_jax.metrics.writers import MetricWriter
 from tdlm_jax.parallel import sharding
-from tdlm_jax.training import compilation, rundir, setup
+from tdlm_jax.training import compilation, programs, rundir, setup
 from tdlm_jax.training import config as config_lib
 from tdlm_jax.training import step as step_lib
 from tdlm_jax.training.metric_log import MetricLog
@@ -96,9 +96,6 @@ def eval_samples(config: ml_collections.ConfigDict, run: setup.Run, params: Any,
             for i, text in enumerate(texts)]
 
 
-_STEP_LABELS = {False: "the train step", True: "the train step with tier-2 metrics"}
-
-
 def _every(step: int, period: int, last: int) -> bool:
     return step % period == 0 or step == last
 
@@ -126,34 +123,27 @@ def _first_call(console: Console, seen: set[str], label: str) -> contextlib.Abst
 
 
 def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState, preemption: Preemption,
-             console: Console) -> None:
-    """Steps `state` from its step to `training.num_steps`, or until a SIGTERM or Ctrl-C."""
+             console: Console, compiled: dict[str, programs.Program]) -> None:
+    """Steps `state` from its step to `training.num_steps`, or until a SIGTERM or Ctrl-C,
+    calling the `compiled` programs (`programs.compile_programs`): nothing compiles here
+    but the sampler."""
     tc = config.training
     log, iterator = state.log, run.data.train_iterator
-    compiled: set[bool] = set()
     first_calls: set[str] = set()
-    recompiles = compilation.RecompileCheck("train_step")  # warns if it compiles more than once per variant
     for step in range(state.step + 1, tc.num_steps + 1):
         batch = sharding.global_batch(next(iterator), run.mesh)
         position, train_state = iterator.get_state(), state.train_state
         if run.is_diffusion and step % tc.attention_analysis_steps == 0:  # tier 3, on this step's inputs
-            with _first_call(console, first_calls, "the tier-3 analysis"):
-                tic = _synced_time(train_state)
-                rng = step_lib.step_rng(train_state.rng, train_state.step)
-                log.defer(step, run.analysis_fn(train_state.params, batch["tokens"], batch["valid"], rng))
-                log.exclude(_synced_time(train_state) - tic)
+            tic = _synced_time(train_state)
+            rng = step_lib.step_rng(train_state.rng, train_state.step)
+            log.defer(step, compiled[programs.ANALYSIS].compiled(train_state.params, batch["tokens"], batch["valid"],
+                                                                 rng))
+            log.exclude(_synced_time(train_state) - tic)
         detailed = run.is_diffusion and step % tc.detailed_metrics_steps == 0
-        if detailed in compiled:
-            train_state, metrics = run.train_fn(train_state, batch["tokens"], batch["valid"], detailed=detailed)
-        else:  # a first call compiles: timed, and left out of the throughput
-            with _first_call(console, first_calls, _STEP_LABELS[detailed]):
-                tic = _synced_time(train_state)
-                train_state, metrics = run.train_fn(train_state, batch["tokens"], batch["valid"], detailed=detailed)
-                log.exclude(_synced_time(train_state) - tic)
-            compiled.add(detailed)
+        train_step = compiled[programs.DETAILED if detailed else programs.TRAIN].compiled
+        train_state, metrics = train_step(train_state, batch["tokens"], batch["valid"])
         state.advance(train_state, step, position)
         console.advance(step)
-        recompiles.check(len(compiled))
         log.flush()  # earlier rows: their fetch overlaps this step's compute
         if log.consecutive_skips >= tc.max_consecutive_nonfinite:
             stop_after_nonfinite(run, state)
@@ -164,12 +154,14 @@ def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState,
             log.defer(step, {k: v for k, v in metrics.items() if names.tier_of(k) == names.TIER2})
         if _every(step, tc.eval_every_n_steps, tc.num_steps):
             log.flush()
-            with _first_call(console, first_calls, "evaluation and sampling"):
-                tic = _synced_time(train_state)
-                log.write(step, evaluate(run.eval_fn, train_state.eval_params(), run.data.eval_batches, run.eval_rng))
-                if run.is_diffusion and config.sampling.num_samples_at_eval:
-                    log.write_samples(step, eval_samples(config, run, train_state.eval_params(), step))
-                log.exclude(time.perf_counter() - tic)
+            tic = _synced_time(train_state)
+            log.write(step, evaluate(compiled[programs.EVAL].compiled, train_state.eval_params(),
+                                     run.data.eval_batches, run.eval_rng))
+            if run.is_diffusion and config.sampling.num_samples_at_eval:
+                with _first_call(console, first_calls, "the sampler"):
+                    samples = eval_samples(config, run, train_state.eval_params(), step)
+                log.write_samples(step, samples)
+            log.exclude(time.perf_counter() - tic)
         committed = _every(step, tc.checkpoint_every_n_steps, tc.num_steps)
         if committed:
             _timed_commit(run, state)
@@ -191,6 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float | 
     wall_start = time.time()
     # Before anything touches the workdir: a config error leaves no trace.
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    sharding.make_mesh(mesh_shape=config.sharding.mesh_shape)  # a shape the nodes cannot take fails here
     rundir.ensure_writable(workdir)
     with rundir.locked(workdir):  # one writer per workdir, held until the run's files are closed
         write_config = rundir.check_config_change(config, workdir)
@@ -230,8 +223,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
     state = RunState(run.initial_state, run.start_step, run.data.train_iterator.get_state(), log)
     stop_now = False
     try:
+        tic = time.perf_counter()
+        compiled = compile_and_check(config, run, console)
+        log.exclude(time.perf_counter() - tic)
         with Preemption() as preemption:
-            run_loop(config, run, state, preemption, console)
+            run_loop(config, run, state, preemption, console, compiled)
     except KeyboardInterrupt:  # a second Ctrl-C: stop without saving, or waiting for a save
         stop_now = True
         _close_quietly(writer)
@@ -269,6 +265,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
     if primary:
         rundir.write_summary(workdir, summary)
     return summary
+
+
+def compile_and_check(config: ml_collections.ConfigDict, run: setup.Run, console: Console
+                      ) -> dict[str, programs.Program]:
+    """Compiles every program the run's steps will call, logs each one's memory per device,
+    and stops with one line (TrainingError) if one does not fit (`tdlm_jax.training.programs`)."""
+    variants = programs.variants_used(config, run.start_step, run.is_diffusion)
+    compiled = programs.compile_programs(config, run.mesh, run.initial_state, train_fn=run.train_fn,
+                                         eval_fn=run.eval_fn, analysis_fn=run.analysis_fn, variants=variants,
+                                         announce=console.compiling)
+    capacity, source = programs.device_capacity(jax.local_devices()[0])
+    logging.info("\n".join(programs.memory_table(compiled.values(), capacity, source)))
+    programs.check_fits(compiled.values(), capacity, source)
+    return compiled
 
 
 def stop_after_nonfinite(run: setup.Run, state: RunState) -> None:

@@ -47,7 +47,7 @@ class Run:
     initial_state: step_lib.TrainState  # restored from the latest checkpoint, or fresh
     train_fn: Callable
     eval_fn: Callable
-    analysis_fn: Callable
+    analysis_fn: Callable | None  # None for the autoregressive baseline: no tier 3
     eval_rng: jax.Array
     checkpointer: checkpoint.Checkpointer
     start_step: int
@@ -109,6 +109,21 @@ def train_step_statics(config: ml_collections.ConfigDict, graphdef: Any, optimiz
                 grad_accum_steps=config.training.get("grad_accum_steps", 1), ema_decay=config_lib.ema_decay(config))
 
 
+def jitted_steps(config: ml_collections.ConfigDict, mesh: Any, state: Any, static: dict[str, Any]
+                 ) -> tuple[Callable, Callable, Callable | None]:
+    """The run's jitted (train, eval, analysis) steps for `state`'s placement, from the
+    `train_step_statics`; no analysis (None) for the autoregressive baseline. Shared with the
+    benchmark, so it times and measures exactly the programs that train."""
+    graphdef, process, objective = static["graphdef"], static["process"], static["objective"]
+    train_fn = step_lib.jit_train_step(mesh, sharding.state_shardings(mesh, state), **static)
+    eval_fn = step_lib.jit_eval_step(mesh, graphdef=graphdef, objective=objective,
+                                     process=process.for_evaluation(config.data.eval_batch_size))
+    analysis_fn = (step_lib.jit_analysis_step(mesh, graphdef=graphdef, process=process,
+                                              max_rows=config.training.analysis_rows)
+                   if objective == "diffusion" else None)
+    return train_fn, eval_fn, analysis_fn
+
+
 def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds data, model and steps of a validated config, and restores the latest checkpoint."""
     mesh = sharding.make_mesh(mesh_shape=config.sharding.mesh_shape)
@@ -120,18 +135,15 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
                  jax.device_count(), jax.process_count(), dict(mesh.shape))
     state = initial_state(config, params, optimizer, mesh)
     static = train_step_statics(config, graphdef, optimizer, lr_schedule, tok.mask_id)
-    process, objective = static["process"], static["objective"]
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS),
                                            max_to_keep=config.training.max_checkpoints_to_keep)
     start_step, state, log_state = restore_latest_usable(checkpointer, state, data.train_iterator)
+    train_fn, eval_fn, analysis_fn = jitted_steps(config, mesh, state, static)
     return Run(
-        mesh=mesh, tokenizer=tok, graphdef=graphdef, data=data, initial_state=state,
-        train_fn=step_lib.jit_train_step(mesh, sharding.state_shardings(mesh, state), **static),
-        eval_fn=step_lib.jit_eval_step(mesh, graphdef=graphdef, objective=objective,
-                                       process=process.for_evaluation(config.data.eval_batch_size)),
-        analysis_fn=step_lib.jit_analysis_step(mesh, graphdef=graphdef, process=process),
-        eval_rng=jax.random.fold_in(jax.random.key(config.seed), 0x5EED),
-        checkpointer=checkpointer, start_step=start_step, log_state=log_state, is_diffusion=objective == "diffusion")
+        mesh=mesh, tokenizer=tok, graphdef=graphdef, data=data, initial_state=state, train_fn=train_fn,
+        eval_fn=eval_fn, analysis_fn=analysis_fn, eval_rng=jax.random.fold_in(jax.random.key(config.seed), 0x5EED),
+        checkpointer=checkpointer, start_step=start_step, log_state=log_state,
+        is_diffusion=static["objective"] == "diffusion")
 
 
 def abstract_like(state: Any, sharding_of: Callable[[Any], Any]) -> Any:

@@ -23,12 +23,13 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess, corrupt
-from tdlm_jax.diffusion.loss import correct_predictions, num_valid_tokens, weighted_token_losses
+from tdlm_jax.diffusion.loss import batch_scores, correct_predictions, num_valid_tokens, weighted_token_losses
 from tdlm_jax.metrics import research
 from tdlm_jax.metrics import catalogue as names
-from tdlm_jax.metrics.advanced import advanced_metrics
+from tdlm_jax.metrics.advanced import advanced_metrics, analysed_rows, layer_attention_entropy
 from tdlm_jax.metrics.tier1 import correct_rows, tier1_metrics
 from tdlm_jax.model import autoregressive
+from tdlm_jax.model.head import TokenScores
 from tdlm_jax.parallel import sharding
 
 
@@ -61,15 +62,14 @@ def step_rng(state_rng: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def row_losses(graphdef: nnx.GraphDef, params: Any, batch: Corrupted, num_valid: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
+               ) -> tuple[jax.Array, TokenScores]:
     """Each row's contribution to the NELBO, normalized by the whole batch's valid tokens.
 
     `num_valid` is passed in rather than computed from `batch` so that a sub-batch's rows
     keep the full batch's denominator, and bucket losses add up to the full loss.
     """
-    model = nnx.merge(graphdef, params)
-    logits_BxLxV = model(batch.noisy_BxL, batch.valid_BxL, batch.t_B)
-    return weighted_token_losses(logits_BxLxV, batch).sum(axis=-1) / num_valid, logits_BxLxV
+    scores = batch_scores(nnx.merge(graphdef, params), batch)
+    return weighted_token_losses(scores.nll_BxL, batch).sum(axis=-1) / num_valid, scores
 
 
 OBJECTIVES = ("diffusion", "ar")
@@ -130,12 +130,12 @@ def diffusion_grad_fn(graphdef: nnx.GraphDef, process: ForwardProcess, num_valid
     def grad_fn(params: Any, micro: dict) -> tuple[Any, dict[str, jax.Array]]:
         batch = micro["batch"]
         if detailed and whole_batch:
-            grads, rows_B, logits = research.bucket_gradients(row_loss_fn, params, batch, process)
+            grads, rows_B, scores = research.bucket_gradients(row_loss_fn, params, batch, process)
         elif detailed:
-            grads, rows_B, logits = research.masked_bucket_gradients(row_loss_fn, params, batch, micro["bucket_B"])
+            grads, rows_B, scores = research.masked_bucket_gradients(row_loss_fn, params, batch, micro["bucket_B"])
         else:
-            grads, (rows_B, logits) = jax.grad(lambda p: research.summed(row_loss_fn(p, batch)), has_aux=True)(params)
-        stats = research.row_statistics(logits, batch) if detailed else {"correct_B": correct_rows(logits, batch)}
+            grads, (rows_B, scores) = jax.grad(lambda p: research.summed(row_loss_fn(p, batch)), has_aux=True)(params)
+        stats = research.row_statistics(scores, batch) if detailed else {"correct_B": correct_rows(scores, batch)}
         return grads, {"loss_B": rows_B, **stats}
 
     return grad_fn
@@ -222,12 +222,12 @@ def eval_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax
         return {"nelbo_sum": nll_BxL.sum(), "valid_tokens": valid_BxL.sum().astype(jnp.float32),
                 "masked_tokens": zero, "correct_tokens": zero}
     batch = corrupt(process, rng, tokens_BxL, valid_BxL)
-    logits = nnx.merge(graphdef, params)(batch.noisy_BxL, batch.valid_BxL, batch.t_B)
+    scores = batch_scores(nnx.merge(graphdef, params), batch)
     return {
-        "nelbo_sum": weighted_token_losses(logits, batch).sum(),
+        "nelbo_sum": weighted_token_losses(scores.nll_BxL, batch).sum(),
         "valid_tokens": batch.valid_BxL.sum().astype(jnp.float32),
         "masked_tokens": batch.masked_BxL.sum().astype(jnp.float32),
-        "correct_tokens": correct_predictions(logits, batch).sum().astype(jnp.float32),
+        "correct_tokens": correct_predictions(scores.predicted_BxL, batch).sum().astype(jnp.float32),
     }
 
 
@@ -272,19 +272,24 @@ def jit_eval_step(mesh: Mesh, **static) -> Callable[..., dict]:
 
 
 def analysis_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax.Array, *,
-                  graphdef: nnx.GraphDef, process: ForwardProcess) -> dict[str, jax.Array]:
-    """The tier-3 metrics of one batch: a forward pass that also returns the model's internals.
+                  graphdef: nnx.GraphDef, process: ForwardProcess, max_rows: int) -> dict[str, jax.Array]:
+    """The tier-3 metrics of `max_rows` rows of one batch (`advanced.analysed_rows`): a forward
+    pass that also returns the model's internals.
 
-    The batch is corrupted with `rng` exactly as `train_step` corrupts it, so passing the
+    The whole batch is corrupted with `rng` exactly as `train_step` corrupts it, so passing the
     step's key (`step_rng(state.rng, step)`) analyses the very inputs that step trained on.
-    Separate from the train step because the explicit attention it needs materializes every
-    layer's [B, heads, L, L] probabilities, which the ordinary step never pays for.
+    Separate from the train step because the explicit attention it needs builds each layer's
+    [rows, heads, L, L] probabilities, which the ordinary step never pays for; each layer's are
+    reduced to its entropy inside the layer loop, so one layer's is the most ever held.
     """
     batch = corrupt(process, rng, tokens_BxL, valid_BxL)
+    rows = analysed_rows(tokens_BxL.shape[0], max_rows)
+    batch = jax.tree.map(lambda x: x[rows], batch)
     model = nnx.merge(graphdef, params)
-    _, internals = model(batch.noisy_BxL, batch.valid_BxL, batch.t_B, return_internals=True)
-    hidden_BxLxD, probs_KxBxNxLxL = internals["hidden_BxLxD"], internals["attention_probs_KxBxNxLxL"]
-    return advanced_metrics(hidden_BxLxD, probs_KxBxNxLxL, batch.valid_BxL)
+    summary = functools.partial(layer_attention_entropy, valid_BxL=batch.valid_BxL)
+    hidden_BxLxD, entropy_by_layer_K = model.residual_stream(batch.noisy_BxL, batch.valid_BxL, batch.t_B,
+                                                             attention_summary=summary)
+    return advanced_metrics(hidden_BxLxD.astype(jnp.float32), entropy_by_layer_K, batch.valid_BxL)
 
 
 def jit_analysis_step(mesh: Mesh, **static) -> Callable[..., dict]:
