@@ -15,7 +15,7 @@ from tdlm_jax.diffusion.corruption import corrupt
 from tdlm_jax.metrics import advanced, jsonl
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import config as config_lib
-from tdlm_jax.training import loop, setup
+from tdlm_jax.training import loop, programs, setup
 from tdlm_jax.training import step as step_lib
 from common import MODEL, make_process, model_parts, random_batch
 
@@ -183,15 +183,21 @@ def test_the_loop_analyses_the_very_batch_each_step_trains_on(tmp_path, monkeypa
                            eval_every_n_steps=100)
     config.sampling.num_samples_at_eval = 0
     config.training.analysis_rows = 3  # of the batch's 8: rows 0, 2 and 5
-    analysed = {}
-    real_build_run = setup.build_run
+    analysed, built = {}, {}
+    real_build_run, real_compile = setup.build_run, programs.compile_programs
 
     def build_run(config, workdir):
-        run = real_build_run(config, workdir)
+        built["run"] = real_build_run(config, workdir)
+        return built["run"]
+
+    def compile_programs(config, mesh, state, **kwargs):
+        compiled = real_compile(config, mesh, state, **kwargs)
+        run = built["run"]
         process = config_lib.forward_process(config, run.tokenizer.mask_id)
+        analysis = compiled[programs.ANALYSIS].compiled  # the program the loop calls
 
         def recording_analysis(params, tokens, valid, rng):
-            metrics = run.analysis_fn(params, tokens, valid, rng)
+            metrics = analysis(params, tokens, valid, rng)
             batch = corrupt(process, rng, tokens, valid)
             rows = jax.tree.map(lambda x: x[np.array([0, 2, 5])], batch)
             _, internals = nnx.merge(run.graphdef, params)(rows.noisy_BxL, rows.valid_BxL, rows.t_B,
@@ -200,9 +206,11 @@ def test_the_loop_analyses_the_very_batch_each_step_trains_on(tmp_path, monkeypa
             analysed[len(analysed)] = (int(batch.masked_BxL.sum()), jax.device_get(metrics), jax.device_get(expected))
             return metrics
 
-        return dataclasses.replace(run, analysis_fn=recording_analysis)
+        compiled[programs.ANALYSIS] = dataclasses.replace(compiled[programs.ANALYSIS], compiled=recording_analysis)
+        return compiled
 
     monkeypatch.setattr(setup, "build_run", build_run)
+    monkeypatch.setattr(programs, "compile_programs", compile_programs)
     loop.train(config, str(tmp_path / "run"))
     trained = {row["step"]: row["metrics/total_masked_tokens"]
                for row in jsonl.read(tmp_path / "run" / "metrics.jsonl") if "metrics/total_masked_tokens" in row}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tdlm_jax.metrics import jsonl
-from tdlm_jax.training import loop, setup
+from tdlm_jax.training import loop, programs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 INTERVAL = 4
@@ -35,24 +35,26 @@ def recorded(tmp_path_factory):
     """(config, each step's metrics as the train step returned them, the run's tier-1 rows);
     each evaluation is made EVAL_SECONDS slower."""
     config, steps = tiny_config(), []
-    real_build_run, real_evaluate = setup.build_run, loop.evaluate
+    real_compile, real_evaluate = programs.compile_programs, loop.evaluate
 
-    def build_run(config, workdir):
-        run = real_build_run(config, workdir)
+    def compile_programs(*args, **kwargs):
+        compiled = real_compile(*args, **kwargs)
+        train_step = compiled[programs.TRAIN].compiled  # the program the loop calls
 
-        def recording_step(*args, **kwargs):
-            state, metrics = run.train_fn(*args, **kwargs)
+        def recording_step(*args):
+            state, metrics = train_step(*args)
             steps.append(jax.device_get(metrics))
             return state, metrics
 
-        return dataclasses.replace(run, train_fn=recording_step)
+        compiled[programs.TRAIN] = dataclasses.replace(compiled[programs.TRAIN], compiled=recording_step)
+        return compiled
 
     def slow_evaluate(*args):
         time.sleep(EVAL_SECONDS)
         return real_evaluate(*args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(setup, "build_run", build_run)
+        patch.setattr(programs, "compile_programs", compile_programs)
         patch.setattr(loop, "evaluate", slow_evaluate)
         workdir = tmp_path_factory.mktemp("tier1") / "run"
         loop.train(config, str(workdir))
