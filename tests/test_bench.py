@@ -83,6 +83,8 @@ def test_round_robin_warms_up_once_then_times_every_repeat():
     ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM", 989e12),
     ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe", 756e12),
     ("NVIDIA H100 NVL", "NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H800 PCIe", "NVIDIA H800 PCIe", 756e12),  # once took the H100 SXM figure
+    ("NVIDIA H800", "NVIDIA H800 SXM", 989e12),
     ("NVIDIA H200", "NVIDIA H200 SXM", 989e12),
     ("NVIDIA GH200 480GB", "NVIDIA GH200", 989e12),
     ("NVIDIA A100-SXM4-80GB", "NVIDIA A100", 312e12),
@@ -95,6 +97,13 @@ def test_round_robin_warms_up_once_then_times_every_repeat():
 ])
 def test_known_devices_have_their_bf16_dense_peak(kind, name, peak):
     assert benchmark.known_peak(kind) == (name, peak)
+
+
+def test_every_device_peak_entry_names_itself():
+    """Each entry of the peak table is reached by its own name: a PCIe or NVL part cannot fall
+    into an SXM entry listed before it."""
+    for _, name, peak in benchmark.DEVICE_PEAKS:
+        assert benchmark.known_peak(name) == (name, peak)
 
 
 def test_peak_choice_table_measured_or_override():

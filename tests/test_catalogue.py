@@ -37,7 +37,9 @@ def test_names_that_can_be_missing_are_exactly_the_catalogued_ones():
         "research/low_corruption_accuracy", "research/medium_corruption_accuracy",
         "research/high_corruption_accuracy", "research/gradient_norm_ratio_high_to_low",
         "research/weight_difficulty_correlation", "research/avg_loss_weight", "research/weight_std",
-        "research/avg_prediction_difficulty"}
+        "research/avg_prediction_difficulty", "research/low_corruption_loss_std",
+        "research/medium_corruption_loss_std", "research/high_corruption_loss_std",
+        "research/loss_estimator_stderr", "research/gradient_noise_scale"}
 
 
 @pytest.mark.parametrize("name, tier", [

@@ -108,7 +108,8 @@ def test_padding_is_never_masked_but_counts_in_valid_ratio():
     assert not bool(jnp.any(batch.masked_BxL & ~valid))
     logits = jnp.zeros((8, 64, V + 2))
     ratio = float(tier1_metrics(correct_rows(scored(logits, batch), batch), batch)["metrics/valid_ratio"])
-    assert ratio == pytest.approx(float(batch.masked_BxL.sum() / batch.drawn_BxL.sum()))
+    u = batch.unbias_B[:, None]  # each sequence weighted by its unbiasing factor
+    assert ratio == pytest.approx(float((u * batch.masked_BxL).sum() / (u * batch.drawn_BxL).sum()))
     assert 0.6 < ratio < 0.9  # about 3/4 of the drawn masks land on real tokens
 
 

@@ -117,7 +117,7 @@ def assert_trees_close(a, b, atol=1e-6):
 def test_bucket_gradients_equal_brute_force_and_sum_to_the_full_gradient(sampling):
     process = make_process(sampling)
     batch = batch_with_every_bucket(process)
-    grads, rows, _ = project_grads(process, batch)
+    grads, halves_sq, rows, _ = project_grads(process, batch)
     params = model_parts()[1]
     for got, expected in zip(grads, brute_force_bucket_grads(params, batch, process)):
         assert_trees_close(got, expected)
@@ -125,6 +125,11 @@ def test_bucket_gradients_equal_brute_force_and_sum_to_the_full_gradient(samplin
     graphdef = model_parts()[0]
     full = jax.grad(lambda p: row_losses(graphdef, p, batch, num_valid_tokens(batch))[0].sum())(params)
     assert_trees_close(jax.tree.map(lambda *g: sum(g), *grads), full)
+    # The noise scale's small batches: the gradients of the even and of the odd rows.
+    halves = [jax.grad(lambda p: jnp.where(jnp.arange(8) % 2 == h, row_losses(graphdef, p, batch, num_valid_tokens(
+        batch))[0], 0.0).sum())(params) for h in (0, 1)]
+    assert float(halves_sq) == pytest.approx(sum(float(optax.tree.norm(g)) ** 2 for g in halves), rel=1e-5)
+    np.testing.assert_allclose(rows, row_losses(graphdef, params, batch, num_valid_tokens(batch))[0], rtol=1e-6)
     # The norms differ from a split of the total by counts: each is its own gradient.
     norms = np.array([float(optax.tree.norm(g)) for g in grads])
     counts = np.bincount(np.asarray(research.bucket_index(batch.mask_rate_B, EDGES)), minlength=3)
@@ -136,7 +141,7 @@ def test_only_high_corruption_batch_has_zero_low_and_medium_gradients(sampling):
     process = make_process(sampling, t_min=0.75)  # every t > 0.75, so every m > 0.7
     batch = corrupted_batch(process, seed=1)
     assert bool(jnp.all(batch.mask_rate_B > 0.7))
-    grads, rows, scores = project_grads(process, batch)
+    grads, _, rows, scores = project_grads(process, batch)
     metrics = aggregation.to_host_scalars(research.research_metrics(research.row_statistics(scores, batch), batch, process, rows, grads))
     assert metrics["research/gradient_norm_low_corruption"] == 0.0
     assert metrics["research/gradient_norm_medium_corruption"] == 0.0
@@ -171,12 +176,20 @@ def test_weight_difficulty_statistics_match_numpy():
     got = research.weight_difficulty_metrics(research.row_statistics(scores, batch), batch)
     logits = nnx.merge(graphdef, params)(batch.noisy_BxL, batch.valid_BxL, batch.t_B)
 
+    # Token statistics in float64, each token weighted by its sequence's unbiasing factor.
     masked = np.asarray(batch.masked_BxL)
-    weight = np.broadcast_to(np.asarray(batch.weight_B)[:, None], masked.shape)[masked]
-    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    per_token = lambda x_B: np.broadcast_to(np.asarray(x_B, np.float64)[:, None], masked.shape)[masked]
+    weight, design = per_token(batch.weight_B), per_token(batch.unbias_B)
+    assert len(set(design.tolist())) > 1  # the buckets are not sampled in exact proportion: weighting matters
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
     difficulty = (1.0 - probs.max(axis=-1))[masked]
-    assert float(got["research/avg_loss_weight"]) == pytest.approx(weight.mean(), rel=1e-5)
-    assert float(got["research/weight_std"]) == pytest.approx(weight.std(), rel=1e-4)
-    assert float(got["research/avg_prediction_difficulty"]) == pytest.approx(difficulty.mean(), rel=1e-5)
+    mean_weight = np.average(weight, weights=design)
+    assert float(got["research/avg_loss_weight"]) == pytest.approx(mean_weight, rel=1e-5)
+    assert mean_weight != pytest.approx(weight.mean(), rel=1e-3)  # the unweighted mean describes the design
+    assert float(got["research/weight_std"]) == pytest.approx(
+        np.sqrt(np.average((weight - mean_weight) ** 2, weights=design)), rel=1e-4)
+    assert float(got["research/avg_prediction_difficulty"]) == pytest.approx(
+        np.average(difficulty, weights=design), rel=1e-5)
+    covariance = np.cov(weight, difficulty, aweights=design, ddof=0)
     assert float(got["research/weight_difficulty_correlation"]) == pytest.approx(
-        np.corrcoef(weight, difficulty)[0, 1], rel=1e-3, abs=1e-5)
+        covariance[0, 1] / np.sqrt(covariance[0, 0] * covariance[1, 1]), rel=1e-3, abs=1e-5)

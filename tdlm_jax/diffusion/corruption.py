@@ -154,9 +154,9 @@ class Corrupted:
     weight_B: jax.Array
     unbias_B: jax.Array
 
-    def rows(self, start: int, stop: int) -> "Corrupted":
-        """The sub-batch of rows [start, stop)."""
-        return jax.tree.map(lambda x: x[start:stop], self)
+    def rows(self, start: int, stop: int, step: int = 1) -> "Corrupted":
+        """The sub-batch of rows start, start + step, … before stop."""
+        return jax.tree.map(lambda x: x[start:stop:step], self)
 
 
 def corrupt(process: ForwardProcess, rng: jax.Array, tokens_BxL: jax.Array, valid_BxL: jax.Array) -> Corrupted:

@@ -92,6 +92,11 @@ WEIGHT_DIFFICULTY = "research/weight_difficulty_correlation"
 AVG_LOSS_WEIGHT = "research/avg_loss_weight"
 WEIGHT_STD = "research/weight_std"
 AVG_PREDICTION_DIFFICULTY = "research/avg_prediction_difficulty"
+BUCKET_LOSS_STD = "research/{bucket}_corruption_loss_std"
+LOSS_ESTIMATOR_STDERR = "research/loss_estimator_stderr"
+GRADIENT_NOISE_SCALE = "research/gradient_noise_scale"
+GRADIENT_NOISE_TRACE = "research/gradient_noise_trace"
+GRADIENT_SIGNAL = "research/gradient_signal_squared"
 
 ATTENTION_ENTROPY_PROXY = "advanced/attention_entropy_proxy"
 HIDDEN_STATE_NORM = "advanced/hidden_state_norm"
@@ -127,10 +132,12 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric(TOKENS_PER_SECOND, TIER1, "tokens/s",
            "tokens (batch × seq_len) per second over the interval, without compilation, evaluation or checkpointing",
            missing="no training time was measured in the interval"),
-    Metric(MASK_ACCURACY, TIER1, "fraction", "correct argmax predictions / masked valid tokens, over the global batch",
+    Metric(MASK_ACCURACY, TIER1, "fraction", "correct argmax predictions / masked valid tokens, over the global batch "
+           "(each sequence weighted by its unbiasing factor)",
            missing=_EMPTY_BATCH, diffusion_only=True),
     Metric(TOTAL_MASKED_TOKENS, TIER1, "tokens", "masked valid tokens in the global batch", diffusion_only=True),
-    Metric(VALID_RATIO, TIER1, "fraction", "masks drawn on real tokens / all masks drawn (padding draws masks too)",
+    Metric(VALID_RATIO, TIER1, "fraction", "masks drawn on real tokens / all masks drawn (padding draws masks too; "
+           "each sequence weighted by its unbiasing factor)",
            missing="no mask was drawn", diffusion_only=True),
     Metric(VAL_LOSS, TIER1, "nats/token", "exact-weight NELBO (AR: exact NLL) pooled over the fixed validation batches"),
     Metric(VAL_PERPLEXITY, TIER1, "", "exp(val/loss)"),
@@ -141,6 +148,24 @@ CATALOGUE: tuple[Metric, ...] = (
            missing="the bucket has no masked valid token", diffusion_only=True),
     Metric(BUCKET_COUNT, TIER2, "sequences", "sequences in the bucket", diffusion_only=True),
     Metric(BUCKET_LOSS, TIER2, "nats/token", "the bucket's NELBO contribution; the three add up to train/loss",
+           diffusion_only=True),
+    Metric(BUCKET_LOSS_STD, TIER2, "nats/token",
+           "standard deviation over the bucket's sequences of each one's weighted loss per valid token, w(t)·Σ CE / "
+           "valid tokens (weighted by the unbiasing factors)", missing="fewer than two sequences in the bucket",
+           diffusion_only=True),
+    Metric(LOSS_ESTIMATOR_STDERR, TIER2, "nats/token",
+           "standard error of train/loss as an estimate of the NELBO: the stratified variance formula over the "
+           "buckets (an upper bound), B·S² of the rows under iid or adaptive sampling",
+           missing="a batch of one sequence", diffusion_only=True),
+    Metric(GRADIENT_NOISE_SCALE, TIER2, "sequences",
+           "simple gradient noise scale tr(Σ)/|G|² (McCandlish et al. 2018) from the gradients of the batch and of "
+           "its microbatches (or halves): about the critical batch size",
+           missing="the step's |G|² estimate is not positive", diffusion_only=True),
+    Metric(GRADIENT_NOISE_TRACE, TIER2, "",
+           "unbiased estimate of tr(Σ), the per-sequence gradient covariance's trace (the noise scale's numerator)",
+           diffusion_only=True),
+    Metric(GRADIENT_SIGNAL, TIER2, "",
+           "unbiased estimate of |G|², the true gradient's squared norm (the noise scale's denominator)",
            diffusion_only=True),
     Metric(BUCKET_GRADIENT_NORM, TIER2, "", "global L2 norm of the gradient of the bucket-restricted loss",
            diffusion_only=True),

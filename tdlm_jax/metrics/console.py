@@ -56,6 +56,10 @@ def research_line(step: int, row: Mapping[str, Scalar]) -> str:
         parts.append(f"grad_norm high/low {format_number(row[names.GRADIENT_RATIO])}")
     if names.WEIGHT_DIFFICULTY in row:
         parts.append(f"weight~difficulty r {format_number(row[names.WEIGHT_DIFFICULTY])}")
+    if names.LOSS_ESTIMATOR_STDERR in row:
+        parts.append(f"loss stderr {format_number(row[names.LOSS_ESTIMATOR_STDERR])}")
+    if names.GRADIENT_NOISE_SCALE in row:
+        parts.append(f"noise scale {format_number(row[names.GRADIENT_NOISE_SCALE])} seq")
     return " | ".join(parts)
 
 

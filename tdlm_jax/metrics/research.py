@@ -27,9 +27,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess
+from tdlm_jax.diffusion.loss import num_valid_tokens
 from tdlm_jax.metrics import catalogue as names
 from tdlm_jax.metrics.catalogue import BUCKETS, bucket_name
 from tdlm_jax.metrics.tier1 import correct_rows, safe_ratio
@@ -54,34 +56,55 @@ def row_buckets(process: ForwardProcess, batch: Corrupted) -> jax.Array:
 
 
 def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, process: ForwardProcess
-                     ) -> tuple[list[Any], jax.Array, jax.Array]:
-    """∇θ L_b for every bucket, by separate gradient computations of bucket-restricted losses.
+                     ) -> tuple[list[Any], jax.Array, jax.Array, Any]:
+    """∇θ L_b for every bucket, by separate gradient computations of bucket-restricted losses,
+    and Σ_h |∇θ L_h|² over the batch's two halves h (its even and its odd rows): the small
+    batches of the gradient noise scale (`noise_scale_metrics`).
 
-    Returns (gradients by bucket, per-row losses float32[B], TokenScores [B, L]).
+    Returns (gradients by bucket, Σ_h |∇L_h|², per-row losses float32[B], TokenScores [B, L]).
+    With static buckets each (bucket, half) is its own `jax.grad` over its rows alone (six
+    passes over a sixth of the batch each); otherwise `masked_bucket_gradients`.
     """
     if not process.static_buckets:
-        return masked_bucket_gradients(row_loss_fn, params, batch, row_buckets(process, batch))
-    grads, row_losses, scores = [], [], []
-    for start, stop in process.plan.rows:
-        if stop == start:  # a bucket with no rows has a zero gradient
-            grads.append(jax.tree.map(jnp.zeros_like, params))
-            continue
-        sub_batch = batch.rows(start, stop)
-        bucket_loss = lambda p: summed(row_loss_fn(p, sub_batch))
-        grad_b, (rows_b, scores_b) = jax.grad(bucket_loss, has_aux=True)(params)
-        grads.append(grad_b)
-        row_losses.append(rows_b)
-        scores.append(scores_b)
-    return grads, jnp.concatenate(row_losses), jax.tree.map(lambda *rows: jnp.concatenate(rows), *scores)
+        return masked_bucket_gradients(row_loss_fn, params, batch, row_buckets(process, batch), halves=True)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    by_bucket, by_half, pieces = [zeros] * len(BUCKETS), [zeros, zeros], []
+    for b, (start, stop) in enumerate(process.plan.rows):
+        for half in (0, 1):
+            first = start + (half - start) % 2  # the bucket's first row of this parity
+            if first >= stop:
+                continue
+            sub_batch = batch.rows(first, stop, 2)
+            piece_loss = lambda p: summed(row_loss_fn(p, sub_batch))
+            grad, (rows, scores) = jax.grad(piece_loss, has_aux=True)(params)
+            by_bucket[b] = jax.tree.map(jnp.add, by_bucket[b], grad)
+            by_half[half] = jax.tree.map(jnp.add, by_half[half], grad)
+            pieces.append((np.arange(first, stop, 2), rows, scores))
+    # Back to the batch's row order: the pieces interleave within each bucket.
+    order = np.argsort(np.concatenate([index for index, _, _ in pieces]))
+    rows_B = jnp.concatenate([rows for _, rows, _ in pieces])[order]
+    scores = jax.tree.map(lambda *xs: jnp.concatenate(xs)[order], *[scores for _, _, scores in pieces])
+    return by_bucket, sum(squared_norm(g) for g in by_half), rows_B, scores
 
 
-def masked_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, buckets_B: jax.Array
-                            ) -> tuple[list[Any], jax.Array, jax.Array]:
+def masked_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, buckets_B: jax.Array,
+                            halves: bool = False) -> tuple[list[Any], jax.Array, jax.Array, Any]:
     """`bucket_gradients` for rows whose buckets are data (`buckets_B`), not a static layout:
-    one forward pass, and its VJP pulled back once per bucket-masked cotangent."""
+    one forward pass, and its VJP pulled back once per bucket-masked cotangent, plus once for
+    the even rows with `halves` (the odd rows' gradient is then the rest). Without `halves`
+    the second value is |∇L|² of these rows (a microbatch: the noise scale's small batch)."""
     rows_B, pullback, scores = jax.vjp(lambda p: row_loss_fn(p, batch), params, has_aux=True)
     grads = [pullback((buckets_B == b).astype(rows_B.dtype))[0] for b in range(len(BUCKETS))]
-    return grads, rows_B, scores
+    total = jax.tree.map(lambda *gs: sum(gs), *grads)
+    if not halves:
+        return grads, squared_norm(total), rows_B, scores
+    even = pullback((jnp.arange(rows_B.shape[0]) % 2 == 0).astype(rows_B.dtype))[0]
+    odd = jax.tree.map(jnp.subtract, total, even)
+    return grads, squared_norm(even) + squared_norm(odd), rows_B, scores
+
+
+def squared_norm(tree: Any) -> jax.Array:
+    return sum(jnp.vdot(x, x) for x in jax.tree.leaves(tree)).astype(jnp.float32)
 
 
 def summed(rows_and_aux: tuple[jax.Array, Any]) -> tuple[jax.Array, tuple[jax.Array, Any]]:
@@ -113,28 +136,102 @@ def row_statistics(scores: TokenScores, batch: Corrupted) -> dict[str, jax.Array
 
 def research_metrics(rows: dict[str, jax.Array], batch: Corrupted, process: ForwardProcess,
                      row_losses_B: jax.Array, grads_by_bucket: list[Any]) -> dict[str, jax.Array]:
-    """All tier-2 metrics of one global batch; names as in the metrics guide.
+    """All tier-2 metrics of one global batch but the noise scale's; names as in the metrics guide.
 
-    `rows` holds the per-row sums of `row_statistics`.
+    `rows` holds the per-row sums of `row_statistics`. Statistics over tokens or sequences
+    weight each sequence by its unbiasing factor (`unbias_B`), so that they estimate their
+    value under t ~ U[t_min, 1] whatever the time-sampling design (`tier1.tier1_metrics`).
     """
     buckets_B = row_buckets(process, batch)
-    masked_B = batch.masked_BxL.sum(axis=-1)
+    u_B = batch.unbias_B
+    masked_B = batch.masked_BxL.sum(axis=-1).astype(jnp.float32)
     norms = [optax.tree.norm(g) for g in grads_by_bucket]
     total_grad = jax.tree.map(lambda *gs: sum(gs), *grads_by_bucket)
+    per_token_B = per_token_losses(row_losses_B, batch)
     out = {}
     for b, bucket in enumerate(BUCKETS):
         in_bucket_B = buckets_B == b
         out[bucket_name(names.BUCKET_ACCURACY, bucket)] = safe_ratio(
-            jnp.where(in_bucket_B, rows["correct_B"], 0.0).sum(), jnp.where(in_bucket_B, masked_B, 0).sum())
+            jnp.where(in_bucket_B, u_B * rows["correct_B"], 0.0).sum(), jnp.where(in_bucket_B, u_B * masked_B, 0).sum())
         out[bucket_name(names.BUCKET_COUNT, bucket)] = in_bucket_B.sum().astype(jnp.float32)
         out[bucket_name(names.BUCKET_LOSS, bucket)] = jnp.where(in_bucket_B, row_losses_B, 0.0).sum()
+        out[bucket_name(names.BUCKET_LOSS_STD, bucket)] = weighted_std(per_token_B, u_B, in_bucket_B & has_valid(batch))
         out[bucket_name(names.BUCKET_GRADIENT_NORM, bucket)] = norms[b]
     out[names.GRADIENT_NORM_TOTAL] = optax.tree.norm(total_grad)
     low_is_empty = out[bucket_name(names.BUCKET_COUNT, BUCKETS[0])] == 0
     out[names.GRADIENT_RATIO] = jnp.where(
         low_is_empty, jnp.nan, safe_ratio(norms[-1], norms[0]))
+    out[names.LOSS_ESTIMATOR_STDERR] = loss_estimator_stderr(row_losses_B, process, buckets_B)
     out.update(weight_difficulty_metrics(rows, batch))
     return out
+
+
+def has_valid(batch: Corrupted) -> jax.Array:
+    return batch.valid_BxL.any(axis=-1)
+
+
+def per_token_losses(row_losses_B: jax.Array, batch: Corrupted) -> jax.Array:
+    """Each sequence's weighted loss per valid token, w(t)·Σ CE / its valid tokens, without the
+    design's unbiasing factor (0 for a row without valid tokens).
+
+    `row_losses_B` are the rows' NELBO contributions u·w·Σ CE / (the batch's valid tokens)."""
+    scale_B = num_valid_tokens(batch) / (batch.unbias_B * batch.valid_BxL.sum(axis=-1))
+    return jnp.where(has_valid(batch) & (batch.unbias_B > 0), row_losses_B * scale_B, 0.0)
+
+
+def weighted_std(x_B: jax.Array, weight_B: jax.Array, where_B: jax.Array) -> jax.Array:
+    """The standard deviation of x over the rows `where_B`, each weighted by `weight_B` (the
+    population under t ~ U[t_min, 1], as the other statistics); missing with fewer than 2 rows."""
+    w_B = jnp.where(where_B, weight_B, 0.0)
+    mean = safe_ratio((w_B * x_B).sum(), w_B.sum())
+    var = safe_ratio((w_B * jnp.where(where_B, x_B - mean, 0.0) ** 2).sum(), w_B.sum())
+    return jnp.where(where_B.sum() >= 2, jnp.sqrt(var), jnp.nan)
+
+
+def loss_estimator_stderr(row_losses_B: jax.Array, process: ForwardProcess, buckets_B: jax.Array) -> jax.Array:
+    """The standard error of train/loss = Σ_i r_i as an estimate of the NELBO, from the rows'
+    contributions r_i themselves (the valid-token denominator taken as fixed).
+
+    Stratified with static buckets, the buckets are the strata of the estimator's variance
+    formula, Var = Σ_b n_b·S_b² (S_b² the sample variance of r within bucket b); the finer
+    strata inside a bucket lower the true variance further, so this is an upper bound. Under
+    iid or adaptive sampling (and for a bucket with fewer than 2 rows) the rows count as
+    independent draws: Var = B·S². Missing for a batch of one row.
+    """
+    batch_size = row_losses_B.shape[0]
+
+    def spread(in_group_B):  # n·S² of the rows in the group
+        n = in_group_B.sum()
+        mean = jnp.where(in_group_B, row_losses_B, 0.0).sum() / jnp.maximum(n, 1)
+        m2 = jnp.where(in_group_B, (row_losses_B - mean) ** 2, 0.0).sum()
+        return jnp.where(n >= 2, n * m2 / jnp.maximum(n - 1, 1), 0.0)
+
+    everything = spread(jnp.ones((batch_size,), bool))
+    if process.static_buckets and all(n >= 2 for n in process.plan.counts if n):
+        everything = sum(spread(buckets_B == b) for b in range(len(BUCKETS)))
+    return jnp.where(batch_size >= 2, jnp.sqrt(everything), jnp.nan)
+
+
+def noise_scale_metrics(big_sq: jax.Array, small_sq_sum: jax.Array, *, num_small: int, batch_size: int
+                        ) -> dict[str, jax.Array]:
+    """The simple gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, app. A),
+    estimated without bias from the squared gradient norms at two batch sizes.
+
+    `big_sq` is |G_B|², the batch gradient's; `small_sq_sum` is Σ_s |g_s|² over `num_small`
+    equal disjoint parts s of the batch (microbatches, or its two halves), each gradient
+    taken with the whole batch's denominator, so n·g_s estimates the gradient from B/n rows.
+    With b = B/n: E|G_b|² = |G|² + tr(Σ)/b, which the two sizes solve:
+      |G|²  ≈ (n·|G_B|² − |G_b|²) / (n − 1),   tr(Σ) ≈ B·(|G_b|² − |G_B|²) / (n − 1),
+    where |G_b|² = n·Σ_s |g_s|² is their mean squared norm. tr(Σ) is per sequence, so B_simple
+    is in sequences. One step's ratio is noisy (|G|² can even come out negative: then it is
+    missing); the ratio of the two components' means over steps is the steady estimate.
+    """
+    n = float(num_small)
+    small_sq = n * small_sq_sum
+    signal = (n * big_sq - small_sq) / (n - 1.0)
+    trace = batch_size * (small_sq - big_sq) / (n - 1.0)
+    return {names.GRADIENT_SIGNAL: signal, names.GRADIENT_NOISE_TRACE: trace,
+            names.GRADIENT_NOISE_SCALE: jnp.where(signal > 0, trace / jnp.where(signal > 0, signal, 1.0), jnp.nan)}
 
 
 def row_constant_pearson(x_B: jax.Array, count_B: jax.Array, y_sum_B: jax.Array, y_m2_B: jax.Array
@@ -142,6 +239,8 @@ def row_constant_pearson(x_B: jax.Array, count_B: jax.Array, y_sum_B: jax.Array,
     """Pearson correlation over tokens of x, constant within each row, and a per-token y
     known through per-row statistics: row b has `count_B[b]` tokens, whose y values sum to
     `y_sum_B[b]` and have centred second moment `y_m2_B[b]` = Σ (y − ȳ_b)². NaN if undefined.
+    With tokens weighted per row (the design's unbiasing factors), pass the weighted sums:
+    counts, sums and second moments each times the row's weight.
 
     Every product is formed from exactly centred values (the pooled variance of y by Chan's
     parallel formula), so no large sums cancel in float32.
@@ -151,27 +250,29 @@ def row_constant_pearson(x_B: jax.Array, count_B: jax.Array, y_sum_B: jax.Array,
     dx_B = x_B - safe_ratio((x_B * count_B).sum(), n)
     mean_y = safe_ratio(y_sum_B.sum(), n)
     dy_sum_B = y_sum_B - count_B * mean_y  # Σ over row b of (y − ȳ)
-    row_mean_y_B = y_sum_B / jnp.maximum(count_B, 1.0)
+    row_mean_y_B = jnp.where(count_B > 0, y_sum_B / jnp.where(count_B > 0, count_B, 1.0), 0.0)
     var_x = (count_B * dx_B ** 2).sum()
     var_y = y_m2_B.sum() + (count_B * (row_mean_y_B - mean_y) ** 2).sum()
     return safe_ratio((dx_B * dy_sum_B).sum(), jnp.sqrt(var_x * var_y))
 
 
 def weight_difficulty_metrics(rows: dict[str, jax.Array], batch: Corrupted) -> dict[str, jax.Array]:
-    """Statistics over the masked valid tokens of the batch.
+    """Statistics over the masked valid tokens of the batch, each token weighted by its
+    sequence's unbiasing factor (so they estimate their value under t ~ U[t_min, 1]).
 
     A token's weight is its sequence's w(t); its difficulty is 1 − max_v p(v), the model's
     uncertainty at that position (summed per row in `rows`, see `difficulty_rows`).
     weight_std is the population standard deviation.
     """
-    masked_B = batch.masked_BxL.sum(axis=-1).astype(jnp.float32)
+    u_B = batch.unbias_B
+    masked_B = u_B * batch.masked_BxL.sum(axis=-1).astype(jnp.float32)  # design-weighted token counts
     n = masked_B.sum()
     mean_weight = safe_ratio((batch.weight_B * masked_B).sum(), n)
     weight_var = safe_ratio((masked_B * (batch.weight_B - mean_weight) ** 2).sum(), n)
     return {
         names.WEIGHT_DIFFICULTY: row_constant_pearson(
-            batch.weight_B, masked_B, rows["difficulty_sum_B"], rows["difficulty_m2_B"]),
+            batch.weight_B, masked_B, u_B * rows["difficulty_sum_B"], u_B * rows["difficulty_m2_B"]),
         names.AVG_LOSS_WEIGHT: mean_weight,
         names.WEIGHT_STD: jnp.sqrt(weight_var),
-        names.AVG_PREDICTION_DIFFICULTY: safe_ratio(rows["difficulty_sum_B"].sum(), n),
+        names.AVG_PREDICTION_DIFFICULTY: safe_ratio((u_B * rows["difficulty_sum_B"]).sum(), n),
     }

@@ -37,13 +37,21 @@ def tier1_metrics(correct_B: jax.Array, batch: Corrupted) -> dict[str, jax.Array
 
     - mask_accuracy: correct argmax predictions / masked valid tokens (`correct_B` is
       `correct_rows` of the batch's scores).
-    - total_masked_tokens: masked valid tokens in the global batch.
+    - total_masked_tokens: masked valid tokens in the global batch (a count, as drawn).
     - valid_ratio: of all positions whose mask was drawn, the share that are real tokens
       (not padding). 1.0 on packed data; low values mean the batch is mostly padding.
+
+    The two ratios estimate their value under t ~ U[t_min, 1] whatever the time-sampling
+    design: each sequence's counts are weighted by its unbiasing factor (`unbias_B`: the
+    stratification factor, or p(t)/q(t) under adaptive sampling; 1 under iid sampling), as
+    the loss is. Otherwise a stratified batch, whose buckets are not sampled in exact
+    proportion, would describe its own design.
     """
     num_masked = batch.masked_BxL.sum().astype(jnp.float32)
+    masked_B = batch.masked_BxL.sum(axis=-1).astype(jnp.float32)
+    u_B = batch.unbias_B
     return {
-        names.MASK_ACCURACY: safe_ratio(correct_B.sum(), num_masked),
+        names.MASK_ACCURACY: safe_ratio((u_B * correct_B).sum(), (u_B * masked_B).sum()),
         names.TOTAL_MASKED_TOKENS: num_masked,
-        names.VALID_RATIO: safe_ratio(num_masked, batch.drawn_BxL.sum()),
+        names.VALID_RATIO: safe_ratio((u_B * masked_B).sum(), (u_B * batch.drawn_BxL.sum(axis=-1)).sum()),
     }

@@ -205,10 +205,9 @@ class Attention(nnx.Module):
         qkv = qkv.reshape(batch, length, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = rotary_embedding(q, cfg.rope_base), rotary_embedding(k, cfg.rope_base)
-        mask = attention_mask(valid_BxL, cfg.causal)
         impl = resolve_attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim, length)
         if return_probs or impl == "xla":
-            out_BxLxNxH, probs_BxNxLxL = explicit_attention(q, k, v, mask)
+            out_BxLxNxH, probs_BxNxLxL = explicit_attention(q, k, v, attention_mask(valid_BxL, cfg.causal))
         else:  # cuDNN builds the padding (and causal) mask itself from sequence lengths
             out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, **cudnn_attention_args(valid_BxL, cfg.causal),
                                                        implementation="cudnn")

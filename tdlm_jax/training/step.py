@@ -121,18 +121,20 @@ def diffusion_grad_fn(graphdef: nnx.GraphDef, process: ForwardProcess, num_valid
     """The gradient of a microbatch's share of the NELBO, and its per-row statistics.
 
     A microbatch is {"batch": Corrupted rows, "bucket_B": their corruption buckets}. In the
-    `detailed` variant the gradient is the list of per-bucket gradients (tdlm_jax.metrics.research):
-    over the `whole_batch` by `bucket_gradients`, over a microbatch (whose bucket rows are
-    data, not a static layout) by bucket-masked VJPs.
+    `detailed` variant the gradient is (the list of per-bucket gradients, Σ |∇L_s|² over the
+    small batches s of the gradient noise scale) (tdlm_jax.metrics.research): over the
+    `whole_batch` by `bucket_gradients`, whose small batches are its two halves; over a
+    microbatch (whose bucket rows are data, not a static layout) by bucket-masked VJPs, the
+    microbatch being the small batch.
     """
     row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid)
 
     def grad_fn(params: Any, micro: dict) -> tuple[Any, dict[str, jax.Array]]:
         batch = micro["batch"]
         if detailed and whole_batch:
-            grads, rows_B, scores = research.bucket_gradients(row_loss_fn, params, batch, process)
+            *grads, rows_B, scores = research.bucket_gradients(row_loss_fn, params, batch, process)
         elif detailed:
-            grads, rows_B, scores = research.masked_bucket_gradients(row_loss_fn, params, batch, micro["bucket_B"])
+            *grads, rows_B, scores = research.masked_bucket_gradients(row_loss_fn, params, batch, micro["bucket_B"])
         else:
             grads, (rows_B, scores) = jax.grad(lambda p: research.summed(row_loss_fn(p, batch)), has_aux=True)(params)
         stats = research.row_statistics(scores, batch) if detailed else {"correct_B": correct_rows(scores, batch)}
@@ -177,7 +179,7 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
                                     whole_batch=grad_accum_steps == 1)
     grads, stats = accumulate_gradients(grad_fn, state.params, rows, grad_accum_steps)
     if detailed:
-        grads_by_bucket, grads = grads, jax.tree.map(lambda *gs: sum(gs), *grads)
+        (grads_by_bucket, small_sq_sum), grads = grads, jax.tree.map(lambda *gs: sum(gs), *grads[0])
 
     loss, grad_norm = stats["loss_B"].sum(), optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -206,6 +208,9 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
         metrics.update(tier1_metrics(stats["correct_B"], batch))
         if detailed:
             metrics.update(research.research_metrics(stats, batch, process, stats["loss_B"], grads_by_bucket))
+            metrics.update(research.noise_scale_metrics(optax.tree.norm(grads) ** 2, small_sq_sum,
+                                                        num_small=max(grad_accum_steps, 2),
+                                                        batch_size=tokens_BxL.shape[0]))
     return new_state, metrics
 
 
@@ -226,8 +231,9 @@ def eval_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax
     return {
         "nelbo_sum": weighted_token_losses(scores.nll_BxL, batch).sum(),
         "valid_tokens": batch.valid_BxL.sum().astype(jnp.float32),
-        "masked_tokens": batch.masked_BxL.sum().astype(jnp.float32),
-        "correct_tokens": correct_predictions(scores.predicted_BxL, batch).sum().astype(jnp.float32),
+        # Weighted by the unbiasing factors, as the loss is: val/mask_accuracy estimates its value under U[t_min, 1].
+        "masked_tokens": (batch.unbias_B[:, None] * batch.masked_BxL).sum(),
+        "correct_tokens": (batch.unbias_B[:, None] * correct_predictions(scores.predicted_BxL, batch)).sum(),
     }
 
 

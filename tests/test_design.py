@@ -1,0 +1,98 @@
+"""Statistics of the objective, not of the sampling design (README, "Metrics"): every time-
+sampling design estimates the same population quantities, the loss estimator's reported
+standard error is its spread over fresh noise draws, and the gradient noise scale recovers
+a known noise level. Monte Carlo throughout, judged by its own standard error."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tdlm_jax.diffusion.corruption import corrupt
+from tdlm_jax.diffusion.loss import batch_scores, num_valid_tokens, weighted_token_losses
+from tdlm_jax.metrics import research, tier1
+from common import make_process, model_parts
+
+T_MIN = 1e-3
+STATISTICS = ("metrics/mask_accuracy", "research/avg_loss_weight", "research/weight_std",
+              "research/avg_prediction_difficulty", "research/weight_difficulty_correlation", "train/loss")
+
+
+def draw_statistics(process, graphdef, params, tokens, valid, key):
+    """The tier-1/2 token statistics and the loss of one draw; the rows are shuffled first, so
+    that (as with real data) no row's content is tied to a stratum."""
+    order = jax.random.permutation(jax.random.fold_in(key, 7), tokens.shape[0])
+    batch = corrupt(process, key, tokens[order], valid[order])
+    scores = batch_scores(nnx.merge(graphdef, params), batch)
+    rows = research.row_statistics(scores, batch)
+    rows_B = weighted_token_losses(scores.nll_BxL, batch).sum(axis=-1) / num_valid_tokens(batch)
+    return {**tier1.tier1_metrics(rows["correct_B"], batch), **research.weight_difficulty_metrics(rows, batch),
+            "train/loss": rows_B.sum(),
+            "stderr": research.loss_estimator_stderr(rows_B, process, research.row_buckets(process, batch))}
+
+
+def monte_carlo(process, tokens, valid, draws, seed=0):
+    graphdef, params = model_parts()  # built outside the trace
+    fn = jax.jit(jax.vmap(lambda key: draw_statistics(process, graphdef, params, tokens, valid, key)))
+    keys = jax.random.split(jax.random.key(seed), draws)
+    chunks = [jax.device_get(fn(keys[i:i + 500])) for i in range(0, draws, 500)]
+    return {name: np.concatenate([c[name] for c in chunks]).astype(np.float64) for name in chunks[0]}
+
+
+def mean_and_error(values):
+    return values.mean(), values.std() / math.sqrt(len(values))
+
+
+@pytest.fixture(scope="module")
+def designs():
+    tokens = jax.random.randint(jax.random.key(1), (128, 32), 0, 256)
+    valid = jnp.ones_like(tokens, bool)
+    return {design: monte_carlo(make_process(design, t_min=T_MIN, batch_size=128), tokens, valid, 1000)
+            for design in ("iid", "stratified")}
+
+
+def test_every_design_estimates_the_same_statistics(designs):
+    """On a fixed model, each statistic's mean over 1000 batches of 128 rows agrees across
+    designs within 4 standard errors; and avg_loss_weight is the linear schedule's exact
+    E[w·m]/E[m] = 1/E[t] = 2/(1 + t_min). (At 8 rows, unweighted, stratified sampling's
+    avg_loss_weight was 1.84: tests/test_research.py checks the weighting itself.)"""
+    for name in STATISTICS:
+        (iid, iid_error), (strat, strat_error) = (mean_and_error(designs[d][name]) for d in ("iid", "stratified"))
+        assert abs(iid - strat) < 4 * math.hypot(iid_error, strat_error), (name, iid, strat)
+    weight, error = mean_and_error(designs["stratified"]["research/avg_loss_weight"])
+    assert abs(weight - 2 / (1 + T_MIN)) < 4 * error and error < 0.005
+
+
+def test_the_loss_stderr_is_the_spread_of_fresh_noise_draws(designs):
+    """Under iid sampling the reported standard error squared is, on average, the variance of
+    train/loss over fresh draws; under stratified sampling it bounds it from above."""
+    iid, strat = designs["iid"], designs["stratified"]
+    assert 0.85 < np.mean(iid["stderr"] ** 2) / iid["train/loss"].var() < 1.2
+    assert np.mean(strat["stderr"] ** 2) > 0.95 * strat["train/loss"].var()
+
+
+@pytest.mark.parametrize("num_small", [2, 4])
+def test_the_noise_scale_recovers_a_known_gradient_noise(num_small):
+    """Per-row gradients μ + σ·ε in 64 dimensions: tr(Σ) = 64σ², |G|² = |μ|², B_simple =
+    64σ²/|μ|² = 16 sequences. The components are unbiased (their means over 4000 steps match
+    within 4 standard errors)."""
+    batch, dim, sigma = 32, 64, 1.0
+    mu = jnp.full((dim,), 0.25)  # |μ|² = 4
+
+    def step(key):
+        rows = mu + sigma * jax.random.normal(key, (batch, dim))
+        parts = rows.reshape(num_small, batch // num_small, dim).sum(axis=1) / batch  # the batch's denominator
+        return research.noise_scale_metrics(jnp.sum(rows.mean(axis=0) ** 2), jnp.sum(parts ** 2),
+                                            num_small=num_small, batch_size=batch)
+
+    out = jax.device_get(jax.jit(jax.vmap(step))(jax.random.split(jax.random.key(0), 4000)))
+    for name, expected in (("research/gradient_noise_trace", dim * sigma ** 2), ("research/gradient_signal_squared", 4.0)):
+        mean, error = mean_and_error(np.asarray(out[name], np.float64))
+        assert abs(mean - expected) < 4 * error, (name, mean, expected)
+    ratio = out["research/gradient_noise_trace"].mean() / out["research/gradient_signal_squared"].mean()
+    assert ratio == pytest.approx(16.0, rel=0.05)
+    single = np.asarray(out["research/gradient_noise_scale"])
+    assert np.all(np.isnan(single[out["research/gradient_signal_squared"] <= 0]))  # missing, never negative
