@@ -61,7 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.schedule = "linear"  # α(t): 'linear' (1 − t), 'cosine', 'polynomial', 'loglinear'
     config.diffusion.polynomial_power = 2.0  # k of α(t) = 1 − t^k, for 'polynomial'
     config.diffusion.t_min = 1e-3  # t ~ U[t_min, 1]; keeps w(t) = 1/t finite
-    config.diffusion.time_sampling = "stratified"  # 'stratified' (low variance) or 'iid'
+    # 'stratified' (low variance, strata aligned to the corruption buckets), 'iid', or 'adaptive':
+    # importance sampling of t from a proposal q learned to minimise the NELBO estimate's
+    # variance, each sequence weighted by p(t)/q(t) so the estimate stays unbiased.
+    config.diffusion.time_sampling = "stratified"
+    config.diffusion.adaptive_bins = 32  # q is piecewise constant over this many bins of [t_min, 1]
+    config.diffusion.adaptive_floor = 0.1  # q mixed with this share of uniform, so no bin starves
+    config.diffusion.adaptive_decay = 0.99  # per-step EMA decay of each bin's E[loss²]
+    config.diffusion.adaptive_warmup_steps = 100  # q stays uniform for this many steps
     config.diffusion.loss_weighting = "elbo"  # 'elbo' (exact bound), ablations 'uniform', 'clipped'
     config.diffusion.weight_clip_max = 10.0  # the cap of 'clipped'
 
@@ -140,6 +147,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.health.overfit_window = 4  # evaluations of rising val/loss and a widening val − train gap
     config.health.loss_weight_min = 0.5  # research/avg_loss_weight: healthy range (≈ 2 for linear + elbo)
     config.health.loss_weight_max = 10.0
+    config.health.loss_stderr_fraction_max = 0.25  # research/loss_estimator_stderr / loss above this: too noisy
     # Healthy sign of research/weight_difficulty_correlation: 'negative' for ELBO weights (w(t) falls
     # as masking grows, so the easiest tokens weigh most), 'positive', or 'any' to disable the rule.
     config.health.expected_weight_difficulty_sign = "negative"

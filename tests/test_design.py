@@ -96,3 +96,52 @@ def test_the_noise_scale_recovers_a_known_gradient_noise(num_small):
     assert ratio == pytest.approx(16.0, rel=0.05)
     single = np.asarray(out["research/gradient_noise_scale"])
     assert np.all(np.isnan(single[out["research/gradient_signal_squared"] <= 0]))  # missing, never negative
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "polynomial", "loglinear"])
+def test_a_uniform_predictor_scores_log_v_under_a_deliberately_skewed_proposal(schedule):
+    """Times drawn from q ∝ e^{−k/4} over 32 bins (bin 0 is 2700× as likely as bin 31), each
+    sequence weighted by p/q: the NELBO of a predictor uniform over V ids is still log V."""
+    from tdlm_jax.diffusion.corruption import ForwardProcess
+    from tdlm_jax.diffusion.schedules import Schedule
+
+    batch_size, length, vocab = 32, 64, 256
+    process = ForwardProcess(Schedule(schedule, 2.0), T_MIN, "adaptive", "elbo", 10.0, vocab, (0.0, 0.3, 0.7, 1.0),
+                             batch_size, adaptive_bins=32)
+    q_K = jnp.exp(-jnp.arange(32) / 4.0)
+    q_K = q_K / q_K.sum()
+    tokens = jax.random.randint(jax.random.key(4), (batch_size, length), 0, vocab)
+    valid = jnp.ones_like(tokens, bool)
+
+    def estimate(key):
+        batch = corrupt(process, key, tokens, valid, q_K)
+        # A uniform predictor's −log p is log V at every position.
+        return weighted_token_losses(jnp.full(tokens.shape, math.log(vocab)), batch).sum() / num_valid_tokens(batch)
+
+    values = np.asarray(jax.jit(jax.vmap(estimate))(jax.random.split(jax.random.key(5), 2000)), np.float64)
+    mean, error = mean_and_error(values)
+    assert abs(mean - math.log(vocab)) < 4 * error and error < 0.05 * math.log(vocab), (mean, error)
+    times = jax.vmap(lambda key: corrupt(process, key, tokens, valid, q_K).t_B)(jax.random.split(jax.random.key(6), 200))
+    assert float(jnp.mean(times < 0.25)) > 0.6  # the draws really follow q (uniform would give 0.25)
+
+
+def test_the_proposal_learns_q_proportional_to_the_root_second_moment_of_a_known_loss():
+    """Feeding the per-sequence loss ℓ(t) = 1 + 3·[t < 0.5] (E[ℓ²] 16 in the first half of the
+    bins, 1 in the second): q_k ∝ √E[ℓ²] puts 4/5 on the first half, mixed with the floor."""
+    from tdlm_jax.diffusion import proposal
+
+    bins, floor, decay, batch = 8, 0.1, 0.9, 64
+    state = proposal.initial_proposal(bins)
+    step_q = []
+    for step in range(40):
+        q = proposal.probabilities(state, jnp.asarray(step), decay=decay, floor=floor, warmup_steps=5)
+        step_q.append(np.asarray(q))
+        t, unbias = proposal.sample_times(q, T_MIN, jax.random.uniform(jax.random.key(step), (batch,)))
+        np.testing.assert_allclose(unbias, 1.0 / (bins * np.asarray(q)[np.asarray(proposal.bin_of(t, T_MIN, bins))]),
+                                   rtol=1e-5)
+        loss = 1.0 + 3.0 * (t < T_MIN + (1 - T_MIN) / 2)
+        state = proposal.updated(state, t, loss, jnp.ones((batch,), bool), t_min=T_MIN, decay=decay)
+    np.testing.assert_allclose(step_q[0], 1.0 / bins)  # uniform until warmed up
+    optimal = np.array([4.0] * 4 + [1.0] * 4) / 20.0
+    np.testing.assert_allclose(step_q[-1], (1 - floor) * optimal + floor / bins, rtol=1e-4)
+    assert int(state.samples_K.sum()) == 40 * batch

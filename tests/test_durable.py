@@ -32,7 +32,7 @@ VOLATILE = ("train/tokens_per_second", "summary/training_time_hours")
 SETTINGS = {"training.num_steps": 40, "training.checkpoint_every_n_steps": 15, "training.logging_steps": 5,
             "training.eval_every_n_steps": 15, "training.detailed_metrics_steps": 10,
             "training.attention_analysis_steps": 30, "sampling.num_samples_at_eval": 0,
-            "health.loss_weight_min": 1.88,  # avg_loss_weight 1.868, 1.891, 1.961, 2.182: a start, a clear
+            "health.loss_weight_min": 2.1,  # avg_loss_weight 2.029, 2.067, 2.151, 2.456: a start, a clear
             # One compilation cache for every run here: each compiles its steps only once.
             "training.compilation_cache_dir": os.path.join(os.environ["TDLM_CACHE_DIR"], "durable_compilation_cache")}
 OVERRIDES = tuple(f"--config.{key}={value}" for key, value in SETTINGS.items())
@@ -242,11 +242,18 @@ def test_an_overflowing_perplexity_is_logged_as_inf():
 # --- one line instead of a traceback ---------------------------------------------------------
 
 
-def test_out_of_memory_is_one_line_naming_the_fixes(tmp_path):
+def test_out_of_memory_is_one_line_naming_the_fixes(tmp_path, monkeypatch):
     config = tiny_config(num_steps=2)
     config.data.seq_len = 100_000  # [8, 2, L, L] attention: terabytes
-    with pytest.raises(TrainingError, match=r"out of memory .*RESOURCE_EXHAUSTED.*grad_accum_steps.*model.remat"):
-        loop.train(config, str(tmp_path))
+    # Known before step 1, from the compiled step's memory analysis:
+    with pytest.raises(TrainingError, match=r"^out of memory before step 1: the train step needs [\d.]+ GiB per device "
+                                            r"and the device has .*grad_accum_steps.*model.remat=true$"):
+        loop.train(config, str(tmp_path / "checked"))
+    # And where an analysis underestimates, the allocation failure itself is one line too.
+    monkeypatch.setattr(loop.programs, "check_fits", lambda *args: None)
+    with pytest.raises(TrainingError, match=r"^out of memory on .*(RESOURCE_EXHAUSTED|Out of memory).*"
+                                            r"grad_accum_steps.*model.remat=true$"):
+        loop.train(config, str(tmp_path / "unchecked"))
 
 
 def test_a_key_set_inside_a_config_file_but_unknown_is_refused_before_the_workdir_exists(tmp_path):

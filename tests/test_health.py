@@ -138,6 +138,14 @@ CASES: dict[str, tuple[list[Row], list[list[Row]]]] = {
         research(avg_loss_weight=50.0),
         [research(avg_loss_weight=1.99), research(avg_loss_weight=3.0)],
     ),
+    # The stderr over the step's loss, the sum of the bucket losses (a healthy base.py run: 0.04–0.08).
+    "noisy_loss_estimate": (
+        research(loss_estimator_stderr=0.9, low_corruption_loss=0.5, medium_corruption_loss=1.0,
+                 high_corruption_loss=1.0),
+        [research(loss_estimator_stderr=0.19, low_corruption_loss=0.5, medium_corruption_loss=1.0,
+                  high_corruption_loss=0.8),
+         research(loss_estimator_stderr=0.9)],  # no bucket losses: no loss to compare with
+    ),
     "weight_difficulty_sign": (
         research(weight_difficulty_correlation=0.3),
         [research(weight_difficulty_correlation=-0.30), research(weight_difficulty_correlation=0.05)],

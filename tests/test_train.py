@@ -196,15 +196,24 @@ def test_validate_names_the_key_and_what_is_allowed(overrides, message):
     assert "\n" not in str(error.value)
 
 
-def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path):
+# Adaptive: 4 bins, so that q leaves uniform within the run (each bin has seen 10 sequences
+# by about step 5), and the resumed half must restore the proposal's statistics to match.
+ADAPTIVE = {"diffusion.time_sampling": "adaptive", "diffusion.adaptive_bins": 4, "diffusion.adaptive_warmup_steps": 2}
+
+
+@pytest.mark.parametrize("overrides", [{}, ADAPTIVE], ids=["stratified", "adaptive"])
+def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path, overrides):
     """Interrupt after the step-4 checkpoint (drop checkpoint 8 and later rows), resume."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    loop.train(tiny_config(), str(full))
+    loop.train(tiny_config(**overrides), str(full))
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "8")
     kept = [json.dumps(r) for r in jsonl.read(resumed / "metrics.jsonl") if r["step"] <= 4]
     (resumed / "metrics.jsonl").write_text("\n".join(kept) + "\n")
-    loop.train(tiny_config(), str(resumed))
+    loop.train(tiny_config(**overrides), str(resumed))
+    if overrides:  # the proposal the step-8 research row logs has left uniform
+        q = [r for r in jsonl.read(full / "metrics.jsonl") if "research/time_proposal/bin_0" in r][-1]
+        assert q["step"] == 8 and max(abs(q[f"research/time_proposal/bin_{k}"] - 0.25) for k in range(4)) > 1e-3
 
     def after_step_4(workdir):
         return [{k: v for k, v in r.items() if k not in ("train/tokens_per_second",) and not k.startswith("summary/")}

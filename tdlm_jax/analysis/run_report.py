@@ -41,6 +41,11 @@ TIERS = (
     ("Tier 3: Advanced", catalogue.TIER3),
 )
 
+# The adaptive time proposal's bins, drawn as one heat map of q·K (1 = uniform) over steps.
+PROPOSAL_PANEL = "research/time_proposal/bin_{k}"
+# Derived here from two logged series (not a catalogued name): see `with_derived`.
+RUNNING_NOISE_SCALE = "research/gradient_noise_scale_running"
+
 # Metrics drawn together: (pattern, panel title); group 1 of the match is the legend label.
 _GROUPS = (
     (r"^(train|val)/loss$", "{train,val}/loss"),
@@ -50,10 +55,14 @@ _GROUPS = (
     (r"^research/(low|medium|high)_corruption_loss$", "research/{low,medium,high}_corruption_loss"),
     (r"^research/gradient_norm_(low|medium|high)_corruption$",
      "research/gradient_norm_{low,medium,high}_corruption"),
+    (r"^research/(low|medium|high)_corruption_loss_std$", "research/{low,medium,high}_corruption_loss_std"),
+    # One step's noise scale beside the steady estimate, the ratio of its components' running means.
+    (r"^research/gradient_noise_scale(_running)?$", "research/gradient_noise_scale"),
+    (r"^research/time_proposal/bin_(\d+)$", PROPOSAL_PANEL),
     # The all-layer mean joins its layers (label "mean"): alerts on it then mark this plot.
     (r"^advanced/attention_entropy(?:/layer_(\d+))?$", "advanced/attention_entropy/layer_{i}"),
 )
-_LABELS = {"metrics": "train"}  # metrics/mask_accuracy is the training batch's accuracy.
+_LABELS = {"metrics": "train", "_running": "running ratio of means"}  # metrics/…: the training batch's
 _LABEL_ORDER = {"train": 0, "val": 1, "low": 0, "medium": 1, "high": 2, "mean": -1}
 
 # Panels in reading order: the guide's most important metrics first; the rest follow sorted.
@@ -132,8 +141,9 @@ def group_panels(names: Sequence[str]) -> list[Panel]:
         for pattern, title in _GROUPS:
             match = re.match(pattern, name)
             if match:
-                label = _LABELS.get(match.group(1), match.group(1) or "mean")
-                label = f"layer {label}" if label.isdigit() else label
+                label = _LABELS.get(match.group(1), match.group(1) or ("one step" if "noise" in title else "mean"))
+                if label.isdigit():
+                    label = f"bin {label}" if title == PROPOSAL_PANEL else f"layer {label}"
                 groups.setdefault(title, []).append((name, label))
                 break
         else:
@@ -144,8 +154,21 @@ def group_panels(names: Sequence[str]) -> list[Panel]:
 
 
 def tier_metrics(history: Mapping[str, Any], tier: str) -> list[str]:
-    """The metrics of the history that the catalogue puts in `tier`."""
-    return [name for name in history if catalogue.tier_of(name) == tier]
+    """The metrics of the history that the catalogue puts in `tier` (derived ones in tier 2)."""
+    return [name for name in history if (catalogue.TIER2 if name == RUNNING_NOISE_SCALE else catalogue.tier_of(name))
+            == tier]
+
+
+def with_derived(history: History) -> History:
+    """The history plus the noise scale's steady estimate: at each detailed step, the ratio
+    of the running means (sums) of its numerator tr(Σ) and denominator |G|² so far."""
+    trace = dict(verdicts.points(history, catalogue.GRADIENT_NOISE_TRACE))
+    signal = dict(verdicts.points(history, catalogue.GRADIENT_SIGNAL))
+    running, total_trace, total_signal = [], 0.0, 0.0
+    for step in sorted(trace.keys() & signal.keys()):
+        total_trace, total_signal = total_trace + trace[step], total_signal + signal[step]
+        running.append((step, total_trace / total_signal if total_signal > 0 else None))
+    return {**history, RUNNING_NOISE_SCALE: running} if running else history
 
 
 def alerts_for(panel: Panel, alerts: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -221,6 +244,24 @@ def _set_ranges(ax: Any, panel: Panel, steps: tuple[int, int] | None, has_data: 
         ax.set_xlim(steps[0] - pad, steps[1] + pad)
 
 
+def _draw_proposal(fig: Figure, ax: Any, panel: Panel, history: History) -> None:
+    """The adaptive proposal over time: bin (t from t_min at the bottom to 1) × detailed step,
+    coloured by q_k·K, the bin's probability relative to uniform."""
+    by_bin = [dict(verdicts.points(history, name)) for name in panel.metrics]
+    steps = sorted(set().union(*by_bin))
+    num_bins = len(by_bin)
+    grid = [[by_bin[k].get(step, math.nan) * num_bins for step in steps] for k in range(num_bins)]
+    # Detailed steps are evenly spaced, so an image whose columns are one spacing wide, centred
+    # on the steps, places each where it was logged.
+    half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5
+    image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
+                      extent=(steps[0] - half, steps[-1] + half, 0, num_bins))
+    fig.colorbar(image, ax=ax, label="q·K (1 = uniform)")
+    ax.set_xlabel("step", fontsize=9)
+    ax.set_ylabel("bin of t (t_min → 1)", fontsize=9)
+    ax.tick_params(labelsize=8)
+
+
 def plot_panel(panel: Panel, history: History, alerts: Sequence[Mapping[str, Any]] = (),
                steps: tuple[int, int] | None = None) -> str:
     """The panel as a base64 PNG: one line per metric, alerts, non-finite points marked.
@@ -230,6 +271,9 @@ def plot_panel(panel: Panel, history: History, alerts: Sequence[Mapping[str, Any
     """
     fig = Figure(figsize=(4.6, 3.0), dpi=100, layout="constrained")
     ax = fig.add_subplot()
+    if panel.title == PROPOSAL_PANEL:
+        _draw_proposal(fig, ax, panel, history)
+        return png_base64(fig)
     has_data = _draw_series(ax, panel, history)
     _draw_alerts(ax, alerts)
     _set_ranges(ax, panel, steps, has_data)
@@ -303,6 +347,7 @@ def build_report(workdir: str, now: datetime.datetime | None = None) -> str:
 def tier_sections(history: History, alerts: Sequence[Mapping[str, Any]],
                   config: Mapping[str, Any] | None) -> list[tuple[str, list[tuple[Panel, str]], str]]:
     """(title, [(panel, png)], note if empty) per tier, plus "Other metrics" for unknown prefixes."""
+    history = with_derived(history)
     all_steps = [s for pts in history.values() for s, _ in pts] + [a["step"] for a in alerts]
     span = (min(all_steps), max(all_steps)) if all_steps else None
 
@@ -311,7 +356,7 @@ def tier_sections(history: History, alerts: Sequence[Mapping[str, Any]],
 
     sections = [(title, plots(tier_metrics(history, tier)), _interval_note(config, tier)) for title, tier in TIERS]
     # summary/* and the summary's alert counts (alerts/*) are in the summary table, not plots.
-    others = [name for name in history if catalogue.tier_of(name) is None]
+    others = [name for name in history if catalogue.tier_of(name) is None and name != RUNNING_NOISE_SCALE]
     if others:
         sections.append(("Other metrics", plots(others), ""))
     return sections

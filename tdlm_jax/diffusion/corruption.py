@@ -14,6 +14,9 @@ Time sampling. Each sequence of the global batch gets its own t ∈ [t_min, 1].
   without rows would never be sampled (a biased loss), so such a batch is stratified over
   the whole of [t_min, 1] instead (B equal strata, unbias 1) and its buckets are taken from
   the masking rate, as under 'iid'.
+- 'adaptive': stratified under a learned proposal q(t) that minimises the estimator's
+  variance, each row weighted by p(t)/q(t) (`tdlm_jax.diffusion.proposal`); buckets are
+  taken from the masking rate.
 
 Masking. Every position draws a mask with probability 1 − α(t) (LLaDA's variable
 masking); only valid (non-padding) positions are replaced by [MASK] and scored. Drawing at
@@ -30,9 +33,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from tdlm_jax.diffusion import proposal
 from tdlm_jax.diffusion.schedules import Schedule, loss_weight
 
-TIME_SAMPLING = ("stratified", "iid")
+TIME_SAMPLING = ("stratified", "iid", "adaptive")
 LOSS_WEIGHTINGS = ("elbo", "uniform", "clipped")
 
 
@@ -91,6 +95,15 @@ class ForwardProcess:
     mask_id: int
     bucket_edges: tuple[float, ...]  # masking-rate edges of the corruption buckets
     batch_size: int  # the global batch this process is planned for
+    # 'adaptive' time sampling (tdlm_jax.diffusion.proposal):
+    adaptive_bins: int = 32
+    adaptive_floor: float = 0.1
+    adaptive_decay: float = 0.99
+    adaptive_warmup_steps: int = 100
+
+    @property
+    def adaptive(self) -> bool:
+        return self.time_sampling == "adaptive"
 
     @property
     def plan(self) -> BucketPlan:
@@ -104,9 +117,14 @@ class ForwardProcess:
         return self.time_sampling == "stratified" and all(
             n > 0 for n, (lo, hi) in zip(plan.counts, plan.t_bounds) if hi > lo)
 
-    def sample_times(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Returns per-sequence times t_B and their unbiasing factors, both float32[B]."""
+    def sample_times(self, rng: jax.Array, q_K: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Returns per-sequence times t_B and their unbiasing factors, both float32[B]; under
+        'adaptive' sampling `q_K` is the proposal over its bins (None: uniform)."""
         u_B = jax.random.uniform(rng, (self.batch_size,), jnp.float32)
+        if self.adaptive:
+            if q_K is None:
+                q_K = jnp.full((self.adaptive_bins,), 1.0 / self.adaptive_bins, jnp.float32)
+            return proposal.sample_times(q_K, self.t_min, u_B)
         if self.time_sampling == "iid":
             return self.t_min + (1.0 - self.t_min) * u_B, jnp.ones_like(u_B)
         if not self.static_buckets:  # too few rows for the buckets: B strata over the whole interval
@@ -124,6 +142,16 @@ class ForwardProcess:
         t_B = as_array(lo) + as_array(width) * (as_array(index) + u_B) / as_array(count)
         return t_B, as_array(unbias)
 
+    def proposal_probabilities(self, state: proposal.Proposal, step: jax.Array) -> jax.Array:
+        """The adaptive proposal q over its bins for `step`, from the train state's statistics."""
+        return proposal.probabilities(state, step, decay=self.adaptive_decay, floor=self.adaptive_floor,
+                                      warmup_steps=self.adaptive_warmup_steps)
+
+    def updated_proposal(self, state: proposal.Proposal, t_B: jax.Array, loss_B: jax.Array, counted_B: jax.Array
+                         ) -> proposal.Proposal:
+        """The proposal's statistics after a step whose sequences had these times and losses."""
+        return proposal.updated(state, t_B, loss_B, counted_B, t_min=self.t_min, decay=self.adaptive_decay)
+
     def weight(self, t_B: jax.Array) -> jax.Array:
         """The objective's loss weight w(t) of each sequence."""
         return loss_weight(self.schedule, t_B, self.loss_weighting, self.weight_clip_max)
@@ -131,9 +159,12 @@ class ForwardProcess:
     def for_evaluation(self, batch_size: int) -> "ForwardProcess":
         """The same process with exact ELBO weights, planned for the evaluation batch size.
 
-        Validation is always the exact NELBO, whatever weighting an ablation trains with.
+        Validation is always the exact NELBO, whatever weighting an ablation trains with, and
+        its fixed stratified design (an adaptive proposal is the training run's, not a
+        property of the parameters).
         """
-        return dataclasses.replace(self, loss_weighting="elbo", batch_size=batch_size)
+        sampling = "stratified" if self.adaptive else self.time_sampling
+        return dataclasses.replace(self, loss_weighting="elbo", batch_size=batch_size, time_sampling=sampling)
 
 
 @struct.dataclass
@@ -159,12 +190,13 @@ class Corrupted:
         return jax.tree.map(lambda x: x[start:stop:step], self)
 
 
-def corrupt(process: ForwardProcess, rng: jax.Array, tokens_BxL: jax.Array, valid_BxL: jax.Array) -> Corrupted:
-    """Applies the forward process to a clean batch."""
+def corrupt(process: ForwardProcess, rng: jax.Array, tokens_BxL: jax.Array, valid_BxL: jax.Array,
+            q_K: jax.Array | None = None) -> Corrupted:
+    """Applies the forward process to a clean batch (`q_K`: the adaptive proposal, if any)."""
     if tokens_BxL.shape[0] != process.batch_size:
         raise ValueError(f"forward process planned for {process.batch_size} rows, batch has {tokens_BxL.shape[0]}")
     time_rng, mask_rng = jax.random.split(rng)
-    t_B, unbias_B = process.sample_times(time_rng)
+    t_B, unbias_B = process.sample_times(time_rng, q_K)
     uniforms_BxL = jax.random.uniform(mask_rng, tokens_BxL.shape)
     return corrupt_at_times(process, tokens_BxL, valid_BxL, t_B, uniforms_BxL, unbias_B)
 

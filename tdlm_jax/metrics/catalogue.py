@@ -32,7 +32,7 @@ COUNT_UNITS = ("tokens", "sequences", "updates", "steps", "alerts")
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
-    """One logged name. `name` may hold a `{bucket}`, `{layer}`, `{rule}` or `{index}` field."""
+    """One logged name. `name` may hold a `{bucket}`, `{layer}`, `{rule}`, `{index}` or `{bin}` field."""
 
     name: str
     tier: str
@@ -47,8 +47,10 @@ class Metric:
         """Whether values are whole numbers of something (shown as ints when they are whole)."""
         return self.unit in COUNT_UNITS
 
-    def expand(self, num_layers: int = 0, rules: Sequence[str] = (), num_samples: int = 0) -> list[str]:
-        """The concrete names of this entry for a model of `num_layers` and these health rules."""
+    def expand(self, num_layers: int = 0, rules: Sequence[str] = (), num_samples: int = 0, num_bins: int = 0
+               ) -> list[str]:
+        """The concrete names of this entry for a model of `num_layers`, these health rules and
+        an adaptive time proposal of `num_bins` bins (0: not adaptive)."""
         if "{bucket}" in self.name:
             return [self.name.format(bucket=b) for b in BUCKETS]
         if "{layer}" in self.name:
@@ -57,11 +59,14 @@ class Metric:
             return [self.name.format(rule=r) for r in rules]
         if "{index}" in self.name:
             return [self.name.format(index=i) for i in range(num_samples)]
+        if "{bin}" in self.name:
+            return [self.name.format(bin=k) for k in range(num_bins)]
         return [self.name]
 
     def matches(self, name: str) -> bool:
         pattern = re.escape(self.name)
-        for field, value in (("bucket", "|".join(BUCKETS)), ("layer", r"\d+"), ("rule", r"\w+"), ("index", r"\d+")):
+        for field, value in (("bucket", "|".join(BUCKETS)), ("layer", r"\d+"), ("rule", r"\w+"), ("index", r"\d+"),
+                             ("bin", r"\d+")):
             pattern = pattern.replace(re.escape("{" + field + "}"), f"(?:{value})")
         return re.fullmatch(pattern, name) is not None
 
@@ -97,6 +102,8 @@ LOSS_ESTIMATOR_STDERR = "research/loss_estimator_stderr"
 GRADIENT_NOISE_SCALE = "research/gradient_noise_scale"
 GRADIENT_NOISE_TRACE = "research/gradient_noise_trace"
 GRADIENT_SIGNAL = "research/gradient_signal_squared"
+TIME_PROPOSAL_BIN = "research/time_proposal/bin_{bin}"
+TIME_PROPOSAL = "research/time_proposal"  # TensorBoard's histogram of the bins above
 
 ATTENTION_ENTROPY_PROXY = "advanced/attention_entropy_proxy"
 HIDDEN_STATE_NORM = "advanced/hidden_state_norm"
@@ -169,6 +176,9 @@ CATALOGUE: tuple[Metric, ...] = (
            diffusion_only=True),
     Metric(BUCKET_GRADIENT_NORM, TIER2, "", "global L2 norm of the gradient of the bucket-restricted loss",
            diffusion_only=True),
+    Metric(TIME_PROPOSAL_BIN, TIER2, "fraction",
+           "the adaptive time sampler's probability q_k of bin k of [t_min, 1] this step drew from (adaptive only)",
+           diffusion_only=True),
     Metric(GRADIENT_NORM_TOTAL, TIER2, "", "global L2 norm of the full gradient", diffusion_only=True),
     Metric(GRADIENT_RATIO, TIER2, "", "gradient_norm_high_corruption / gradient_norm_low_corruption",
            missing="the low bucket is empty or its gradient is zero", diffusion_only=True),
@@ -223,14 +233,15 @@ def _concrete(entries: Iterable[Metric], **sizes) -> frozenset[str]:
 MISSING_WHEN_EMPTY = _concrete(m for m in CATALOGUE if m.missing is not None and m.tier != SUMMARY)
 
 
-def scalar_names(objective: str, num_layers: int, rules: Sequence[str], tiers: Sequence[str] = (TIER1, TIER2, TIER3)
-                 ) -> frozenset[str]:
+def scalar_names(objective: str, num_layers: int, rules: Sequence[str], tiers: Sequence[str] = (TIER1, TIER2, TIER3),
+                 num_bins: int = 0) -> frozenset[str]:
     """Every scalar a run of `objective` ('diffusion' or 'ar') logs once each of `tiers` has
-    fired, an evaluation has run and the run has finished (summary included)."""
+    fired, an evaluation has run and the run has finished (summary included); `num_bins`
+    is the adaptive time proposal's (0 when time sampling is not adaptive)."""
     diffusion = objective == "diffusion"
     entries = [m for m in CATALOGUE if m.kind == "scalar" and (m.tier in tiers or m.tier == SUMMARY)
                and (diffusion or not m.diffusion_only)]
-    return _concrete(entries, num_layers=num_layers, rules=rules)
+    return _concrete(entries, num_layers=num_layers, rules=rules, num_bins=num_bins)
 
 
 def tier_of(name: str) -> str | None:

@@ -27,6 +27,8 @@ MASK_ACCURACY, VAL_LOSS = names.MASK_ACCURACY, names.VAL_LOSS
 # and sequence diversity relative to the hidden-state norm (see `derive`).
 VAL_TRAIN_GAP = "derived/val_minus_train_loss"
 RELATIVE_DIVERSITY = "derived/relative_sequence_diversity"
+LOSS_STDERR_FRACTION = "derived/loss_stderr_fraction"
+BUCKET_LOSSES = tuple(bucket_name(names.BUCKET_LOSS, b) for b in BUCKETS)
 HIGH_ACCURACY, MEDIUM_ACCURACY = (bucket_name(names.BUCKET_ACCURACY, b) for b in ("high", "medium"))
 GRADIENT_RATIO = names.GRADIENT_RATIO
 HIGH_GRADIENT, LOW_GRADIENT = (bucket_name(names.BUCKET_GRADIENT_NORM, b) for b in ("high", "low"))
@@ -66,6 +68,7 @@ class History:
 
         - The val − train gap. Training rows come before the validation row of the same
           step, so it pairs val/loss with the training loss of the interval just ended.
+        - The loss estimator's standard error / the step's loss (the sum of its bucket losses).
         - Sequence diversity / hidden-state norm. The final RMSNorm makes the model blind
           to the overall scale of the residual stream, so a diversity that only shrinks
           with that scale (as weight decay shrinks it) says nothing about positions.
@@ -77,6 +80,10 @@ class History:
         norm = row.get(HIDDEN_STATE_NORM)
         if SEQUENCE_DIVERSITY in row and norm is not None and norm > 0:
             derived[RELATIVE_DIVERSITY] = row[SEQUENCE_DIVERSITY] / norm
+        stderr = row.get(names.LOSS_ESTIMATOR_STDERR)
+        loss = sum(row[k] for k in BUCKET_LOSSES) if all(row.get(k) is not None for k in BUCKET_LOSSES) else None
+        if stderr is not None and loss is not None and loss > 0:  # the bucket losses add up to the step's loss
+            derived[LOSS_STDERR_FRACTION] = stderr / loss
         return derived
 
     def points(self, name: str, n: int, min_step: int = 0) -> list[Point] | None:
@@ -295,6 +302,11 @@ def default_rules() -> list[Rule]:
              check_non_finite),
         range_rule("loss_weight_extreme", AVG_LOSS_WEIGHT, "loss_weight_min", "loss_weight_max",
                    "Extreme loss weight values (guide): numerical instability in the time-dependent weighting."),
+        range_rule("noisy_loss_estimate", LOSS_STDERR_FRACTION, None, "loss_stderr_fraction_max",
+                   "The NELBO estimate of a batch is too noisy to train on well: its standard error "
+                   "(research/loss_estimator_stderr) is a large fraction of the loss. A bigger batch, "
+                   "diffusion.time_sampling='adaptive', or a lower-variance weighting reduces it.",
+                   median_window="gradient_window"),
         Rule("weight_difficulty_sign",
              "The loss weights do not follow the objective (guide: weight-difficulty correlation validates "
              "the Austin et al. weighting). ELBO weights shrink as masking grows, so a healthy run is "

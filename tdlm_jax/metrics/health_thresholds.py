@@ -67,6 +67,9 @@ class HealthThresholds:
     overfit_window: int = 4  # validation points of rising val/loss and a widening gap
     loss_weight_min: float = 0.5
     loss_weight_max: float = 10.0
+    # research/loss_estimator_stderr over the step's loss (median of gradient_window logs): a
+    # healthy base.py run (batch 32, exact ELBO weight) logged 0.037–0.083.
+    loss_stderr_fraction_max: float = 0.25
     expected_weight_difficulty_sign: str = "negative"
     # The correlation may lie this far on the unexpected side of 0 before firing.
     weight_difficulty_margin: float = 0.1
@@ -125,6 +128,7 @@ _CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("hidden_state_norm_min", _positive, "must be positive"),
     ("hidden_state_norm_max", _positive, "must be positive"),
     ("trend_window", _window, "must be an integer >= 2"),
+    ("loss_stderr_fraction_max", _positive, "must be a positive number"),
     ("trend_min_drop", _fraction, "must be in [0, 1)"),
     ("overfit_window", _window, "must be an integer >= 2"),
     ("loss_weight_min", _positive, "must be positive"),

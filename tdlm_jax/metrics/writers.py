@@ -45,6 +45,11 @@ class MetricWriter(abc.ABC):
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Writes hyperparameters, possibly nested mappings."""
 
+    def write_histograms(self, step: int, histograms: Mapping[str, Sequence[float]]) -> None:
+        """Writes distributions given as the weights of consecutive unit-width buckets
+        [0, 1), [1, 2), … (e.g. the adaptive time proposal's q over its bins); writers
+        without a histogram view ignore them (the values are also logged as scalars)."""
+
     @abc.abstractmethod
     def flush(self) -> None:
         """Makes everything written so far durable."""
@@ -115,6 +120,15 @@ class TensorBoardWriter(MetricWriter):
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         for key, text in texts.items():
             self._write(step, tb_summary.text(key, text))
+
+    def write_histograms(self, step: int, histograms: Mapping[str, Sequence[float]]) -> None:
+        for key, weights in histograms.items():
+            weights = [float(w) for w in weights]
+            centres = [k + 0.5 for k in range(len(weights))]
+            self._write(step, tb_summary.histogram_raw(
+                key, min=0.0, max=float(len(weights)), num=sum(weights),
+                sum=sum(w * c for w, c in zip(weights, centres)), sum_squares=sum(w * c * c for w, c in zip(weights, centres)),
+                bucket_limits=[float(k + 1) for k in range(len(weights))], bucket_counts=weights))
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         # add_hparams writes into a new timestamped sub-directory and only accepts flat
@@ -255,6 +269,10 @@ class MultiWriter(MetricWriter):
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         for writer in self._writers:
             writer.write_hparams(hparams)
+
+    def write_histograms(self, step: int, histograms: Mapping[str, Sequence[float]]) -> None:
+        for writer in self._writers:
+            writer.write_histograms(step, histograms)
 
     def flush(self) -> None:
         for writer in self._writers:

@@ -173,7 +173,8 @@ class Setup:
 
     def analysis(self) -> Callable[[], Any]:
         rng = step_lib.step_rng(self.state.rng, self.state.step)
-        return lambda: self.analysis_fn(self.state.params, self.tokens, self.valid, rng)
+        return lambda: self.analysis_fn(self.state.params, self.tokens, self.valid, rng, self.state.time_proposal,
+                                        self.state.step)
 
 
 def shape_tokenizer(name: str) -> Any:

@@ -42,7 +42,7 @@ POSITIVE_INTS = (
     "training.detailed_metrics_steps", "training.attention_analysis_steps",
     "training.eval_every_n_steps", "training.checkpoint_every_n_steps",
     "training.max_checkpoints_to_keep", "training.max_consecutive_nonfinite", "sampling.steps",
-    "training.grad_accum_steps", "training.analysis_rows",
+    "training.grad_accum_steps", "training.analysis_rows", "diffusion.adaptive_bins",
 )
 CHOICES = {
     "model.kind": OBJECTIVES,
@@ -118,6 +118,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _check_range(config, "diffusion.t_min", lambda x: 0 < x < 1, "must be in (0, 1); w(t) = 1/t diverges at 0")
     _check_range(config, "diffusion.polynomial_power", lambda x: x > 0, "must be positive")
     _check_range(config, "diffusion.weight_clip_max", lambda x: x > 0, "must be positive")
+    _check_range(config, "diffusion.adaptive_floor", lambda x: 0 < x <= 1,
+                 "must be in (0, 1]: every bin of the proposal needs a positive probability, or the loss is biased")
+    _check_range(config, "diffusion.adaptive_decay", lambda x: 0 <= x < 1, "must be in [0, 1)")
+    warmup = _get(config, "diffusion.adaptive_warmup_steps")
+    _require(isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0,
+             "diffusion.adaptive_warmup_steps", warmup, "must be an integer >= 0")
     _check_range(config, "training.learning_rate", lambda x: x > 0, "must be positive")
     _check_range(config, "training.warmup_steps", lambda x: x >= 0 and x == int(x), "must be an integer >= 0")
     _check_range(config, "training.min_learning_rate_ratio", lambda x: 0 <= x <= 1, "must be in [0, 1]")
@@ -220,6 +226,10 @@ def forward_process(config: ml_collections.ConfigDict, mask_id: int) -> ForwardP
         mask_id=mask_id,
         bucket_edges=tuple(float(x) for x in config.metrics.bucket_edges),
         batch_size=config.training.batch_size,
+        adaptive_bins=d.adaptive_bins,
+        adaptive_floor=float(d.adaptive_floor),
+        adaptive_decay=float(d.adaptive_decay),
+        adaptive_warmup_steps=d.adaptive_warmup_steps,
     )
 
 

@@ -137,7 +137,7 @@ def run_loop(config: ml_collections.ConfigDict, run: setup.Run, state: RunState,
             tic = _synced_time(train_state)
             rng = step_lib.step_rng(train_state.rng, train_state.step)
             log.defer(step, compiled[programs.ANALYSIS].compiled(train_state.params, batch["tokens"], batch["valid"],
-                                                                 rng))
+                                                                 rng, train_state.time_proposal, train_state.step))
             log.exclude(_synced_time(train_state) - tic)
         detailed = run.is_diffusion and step % tc.detailed_metrics_steps == 0
         train_step = compiled[programs.DETAILED if detailed else programs.TRAIN].compiled
@@ -239,7 +239,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
                               "checkpoint") from e
     except jax.errors.JaxRuntimeError as e:
         _close_quietly(writer)
-        if "RESOURCE_EXHAUSTED" in str(e):
+        if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):  # XLA's two spellings
             raise TrainingError(f"out of memory on {jax.devices()[0].device_kind} "
                                 f"({str(e).strip().splitlines()[0][:160]}): lower training.batch_size or "
                                 "data.seq_len, raise training.grad_accum_steps, or set model.remat=true") from e

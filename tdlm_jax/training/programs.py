@@ -134,7 +134,8 @@ def compile_programs(config: ml_collections.ConfigDict, mesh: Any, state: Any, *
         DETAILED: lambda: (train_fn.lower(state, train["tokens"], train["valid"], detailed=True), 0),
         EVAL: lambda: (eval_fn.lower(state.eval_params(), evaluation["tokens"], evaluation["valid"], key),
                        state_bytes - per_device_bytes(state.eval_params())),
-        ANALYSIS: lambda: (analysis_fn.lower(state.params, train["tokens"], train["valid"], key),
+        ANALYSIS: lambda: (analysis_fn.lower(state.params, train["tokens"], train["valid"], key, state.time_proposal,
+                                             state.step),
                            state_bytes - per_device_bytes(state.params)),
     }
     programs = {}

@@ -91,7 +91,9 @@ def build_model_and_optimizer(config: ml_collections.ConfigDict, tok: tokenizer_
 
 def fresh_state(config: ml_collections.ConfigDict, params: Any, optimizer: Any) -> step_lib.TrainState:
     """The state before the first step (with an EMA of the parameters when training.ema_decay > 0)."""
-    return step_lib.init_state(params, optimizer, config.seed, ema=config_lib.ema_decay(config) > 0)
+    adaptive = config.model.kind == "diffusion" and config.diffusion.time_sampling == "adaptive"
+    return step_lib.init_state(params, optimizer, config.seed, ema=config_lib.ema_decay(config) > 0,
+                               proposal_bins=config.diffusion.adaptive_bins if adaptive else 0)
 
 
 def initial_state(config: ml_collections.ConfigDict, params: Any, optimizer: Any, mesh: Any) -> step_lib.TrainState:

@@ -22,6 +22,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from tdlm_jax.diffusion import proposal as proposal_lib
 from tdlm_jax.diffusion.corruption import Corrupted, ForwardProcess, corrupt
 from tdlm_jax.diffusion.loss import batch_scores, correct_predictions, num_valid_tokens, weighted_token_losses
 from tdlm_jax.metrics import research
@@ -42,18 +43,22 @@ class TrainState:
     skipped_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
     consecutive_skips: jax.Array  # int32 scalar: skipped updates since the last applied one
     ema_params: Any = None  # exponential moving average of `params` (training.ema_decay > 0), else None
+    time_proposal: Any = None  # the adaptive time sampler's statistics (diffusion.proposal.Proposal), else None
 
     def eval_params(self) -> Any:
         """The parameters evaluation and sampling use: the EMA when one is kept."""
         return self.params if self.ema_params is None else self.ema_params
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, *, ema: bool = False) -> TrainState:
-    """A fresh state; with `ema`, the moving average starts at the initial parameters (as in MDLM)."""
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, *, ema: bool = False,
+               proposal_bins: int = 0) -> TrainState:
+    """A fresh state; with `ema`, the moving average starts at the initial parameters (as in MDLM);
+    with `proposal_bins`, the adaptive time sampler's statistics start empty (q uniform)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)), skipped_steps=jnp.zeros((), jnp.int32),
                       consecutive_skips=jnp.zeros((), jnp.int32),
-                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                      time_proposal=proposal_lib.initial_proposal(proposal_bins) if proposal_bins else None)
 
 
 def step_rng(state_rng: jax.Array, step: jax.Array) -> jax.Array:
@@ -173,7 +178,8 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
         grad_fn, rows = ar_grad_fn(graphdef, process.mask_id, num_valid), {"tokens": tokens_BxL, "valid": valid_BxL}
         detailed = False
     else:
-        batch = corrupt(process, step_rng(state.rng, state.step), tokens_BxL, valid_BxL)
+        q_K = process.proposal_probabilities(state.time_proposal, state.step) if process.adaptive else None
+        batch = corrupt(process, step_rng(state.rng, state.step), tokens_BxL, valid_BxL, q_K)
         rows = {"batch": batch, "bucket_B": research.row_buckets(process, batch)}
         grad_fn = diffusion_grad_fn(graphdef, process, num_valid_tokens(batch), detailed,
                                     whole_batch=grad_accum_steps == 1)
@@ -193,8 +199,14 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
     if ema_params is not None:
         ema_params = keep_if_finite(jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                                                  ema_params, params), ema_params)
+    time_proposal = state.time_proposal
+    if objective == "diffusion" and process.adaptive:  # learns from this step's losses for the next steps' times
+        time_proposal = keep_if_finite(process.updated_proposal(
+            time_proposal, batch.t_B, research.per_token_losses(stats["loss_B"], batch), research.has_valid(batch)),
+            time_proposal)
     new_state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
                               opt_state=keep_if_finite(opt_state, state.opt_state), ema_params=ema_params,
+                              time_proposal=time_proposal,
                               skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
                               consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32))
     metrics = {
@@ -211,6 +223,8 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
             metrics.update(research.noise_scale_metrics(optax.tree.norm(grads) ** 2, small_sq_sum,
                                                         num_small=max(grad_accum_steps, 2),
                                                         batch_size=tokens_BxL.shape[0]))
+            if q_K is not None:  # the proposal this step drew its times from
+                metrics.update({names.TIME_PROPOSAL_BIN.format(bin=k): q_K[k] for k in range(q_K.shape[0])})
     return new_state, metrics
 
 
@@ -277,18 +291,21 @@ def jit_eval_step(mesh: Mesh, **static) -> Callable[..., dict]:
                    out_shardings=sharding.replicated(mesh))
 
 
-def analysis_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax.Array, *,
+def analysis_step(params: Any, tokens_BxL: jax.Array, valid_BxL: jax.Array, rng: jax.Array,
+                  time_proposal: Any = None, step: jax.Array | None = None, *,
                   graphdef: nnx.GraphDef, process: ForwardProcess, max_rows: int) -> dict[str, jax.Array]:
     """The tier-3 metrics of `max_rows` rows of one batch (`advanced.analysed_rows`): a forward
     pass that also returns the model's internals.
 
     The whole batch is corrupted with `rng` exactly as `train_step` corrupts it, so passing the
-    step's key (`step_rng(state.rng, step)`) analyses the very inputs that step trained on.
+    step's key (`step_rng(state.rng, step)`), and under adaptive time sampling the state's
+    `time_proposal` and `step`, analyses the very inputs that step trained on.
     Separate from the train step because the explicit attention it needs builds each layer's
     [rows, heads, L, L] probabilities, which the ordinary step never pays for; each layer's are
     reduced to its entropy inside the layer loop, so one layer's is the most ever held.
     """
-    batch = corrupt(process, rng, tokens_BxL, valid_BxL)
+    q_K = process.proposal_probabilities(time_proposal, step) if process.adaptive else None
+    batch = corrupt(process, rng, tokens_BxL, valid_BxL, q_K)
     rows = analysed_rows(tokens_BxL.shape[0], max_rows)
     batch = jax.tree.map(lambda x: x[rows], batch)
     model = nnx.merge(graphdef, params)
