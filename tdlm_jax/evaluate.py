@@ -4,14 +4,17 @@
         [--batch_size=B] [--max_sequences=N] [--seed=S]
         [--gen_ppl_model=AR_DIR [--gen_sampler=S --gen_steps=K --gen_num_samples=N --sampling_dtype=float64]]
         [--samplers=ancestral,confidence,random_remask,first_hitting --sampler_steps=16,32,64,128,256]
+        [--estimator_spread=N [--proposal_from=ADAPTIVE_DIR]]
 
 Evaluates the latest checkpoint of DIR on every window of the split (see `tdlm_jax.inference.nelbo`
 for the estimator and its standard errors), prints a table, and writes the numbers to
 DIR/eval_<step>.json (DIR/eval_<step>_train.json for the training split, so the two never
 overwrite each other), with the eval card that pins its protocol. --samplers adds the
 speed–quality comparison (`tdlm_jax.inference.sampler_comparison`): DIR/samplers_<step>.json
-and a page with its plots, DIR/samplers_<step>.html. Errors a user can cause print one line
-and exit with status 2.
+and a page with its plots, DIR/samplers_<step>.html. --estimator_spread adds the training
+loss estimate's spread over N fresh noise draws under each time-sampling design
+(`tdlm_jax.inference.estimator_spread`). Errors a user can cause print one line and exit
+with status 2.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ _SAMPLERS = flags.DEFINE_string(
     "first_hitting) at every --sampler_steps, scored by --gen_ppl_model; writes DIR/samplers_<step>.json "
     "and .html.")
 _SAMPLER_STEPS = flags.DEFINE_string("sampler_steps", "16,32,64,128,256", "Step counts of --samplers.")
+_ESTIMATOR_SPREAD = flags.DEFINE_integer(
+    "estimator_spread", 0, "Also draw the training loss estimate this many times on one fixed training-sized batch "
+    "of the split, with fresh noise, under iid, stratified and adaptive time sampling, and report each one's spread.")
+_PROPOSAL_FROM = flags.DEFINE_string(
+    "proposal_from", None, "Workdir of an adaptive run whose last logged proposal --estimator_spread uses for "
+    "'adaptive' (default: this run's own, if it is adaptive).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -57,7 +66,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs dozens of INFO lines per restore
     # After flag parsing: importing JAX is slow and --help should not wait.
-    from tdlm_jax.inference import evaluation, nelbo, sampler_comparison, trained
+    from tdlm_jax.inference import estimator_spread, evaluation, nelbo, sampler_comparison, trained
 
     workdir, split = _WORKDIR.value, _SPLIT.value
     try:
@@ -93,11 +102,20 @@ def main(argv: list[str]) -> None:
                     trained_run, scorer, samplers=list(dict.fromkeys(name for name, _ in comparing)),
                     steps=sorted({k for _, k in comparing}), num_samples=_GEN_NUM_SAMPLES.value, seed=_SEED.value,
                     sampling_dtype=_SAMPLING_DTYPE.value)
+        spread = None
+        if _ESTIMATOR_SPREAD.value > 0:
+            rows = trained_run.config.training.batch_size
+            spread = estimator_spread.loss_estimate_spread(
+                trained_run, tokens_NxL[:rows], valid_NxL[:rows], draws=_ESTIMATOR_SPREAD.value, seed=_SEED.value,
+                q_K=estimator_spread.last_logged_proposal(_PROPOSAL_FROM.value or workdir))
+            result.update(spread)
         result["card"] = evaluation.eval_card(trained_run, **card)
     except TdlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(evaluation.format_report(result, workdir=workdir, split=split, seconds=seconds))
+    if spread is not None:
+        print("\n" + estimator_spread.format_spread(spread))
     path = evaluation.results_path(workdir, trained_run.step, split)
     with open(path, "w") as f:
         json.dump({**result, "split": split, "seed": _SEED.value, "seconds": seconds}, f, indent=2)

@@ -136,6 +136,25 @@ def test_cli_prints_the_table_and_writes_json(tiny_run):
     check_invariants(written)
 
 
+def test_the_estimator_spread_of_every_design_estimates_the_same_loss(tiny_run):
+    """Fresh noise draws of the training loss on one batch: iid, stratified and (with a skewed
+    proposal over 4 bins) adaptive agree in mean within 4 standard errors; each std is positive."""
+    from tdlm_jax.inference import estimator_spread
+
+    trained = load_trained(str(tiny_run))
+    tokens, valid = nelbo.split_windows(trained.config, trained.tokenizer, "val", max_sequences=8)
+    q = np.array([0.55, 0.25, 0.15, 0.05], np.float32)
+    got = estimator_spread.loss_estimate_spread(trained, tokens, valid, draws=400, seed=0, q_K=q)
+    means = {d: (got[f"estimator_spread/{d}_mean"], got[f"estimator_spread/{d}_std"] / math.sqrt(400))
+             for d in estimator_spread.DESIGNS}
+    for a, b in (("iid", "stratified"), ("iid", "adaptive"), ("stratified", "adaptive")):
+        assert abs(means[a][0] - means[b][0]) < 4 * math.hypot(means[a][1], means[b][1]), (a, b, means)
+    assert all(got[f"estimator_spread/{d}_std"] > 0 for d in estimator_spread.DESIGNS)
+    assert "adaptive_std" not in str(estimator_spread.loss_estimate_spread(trained, tokens, valid, draws=8, seed=0,
+                                                                           q_K=None))
+    assert estimator_spread.last_logged_proposal(str(tiny_run)) is None  # not an adaptive run
+
+
 def test_cli_missing_workdir_is_one_line_and_exit_2(tmp_path):
     result = run_evaluate(f"--workdir={tmp_path / 'nothing'}")
     assert result.returncode == 2
