@@ -95,6 +95,24 @@ def test_a_change_of_what_the_run_computes_is_refused_on_resume(uninterrupted, t
     assert (workdir / "config.json").read_text() == recorded
 
 
+def test_a_run_saved_before_a_key_existed_resumes_at_its_default_and_refuses_another_value(uninterrupted, tmp_path):
+    """config.json of a run from an earlier version lacks the keys added since (here the
+    adaptive sampler's): at base.py's defaults they are no change; set otherwise, they are."""
+    workdir = tmp_path / "older"
+    shutil.copytree(uninterrupted, workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    for key in [k for k in saved["diffusion"] if k.startswith("adaptive_")]:
+        del saved["diffusion"][key]
+    (workdir / "config.json").write_text(json.dumps(saved))
+    config = tiny_config()
+    config.diffusion.adaptive_bins = 16
+    with pytest.raises(ConfigError, match=r"different diffusion.adaptive_bins \(diffusion.adaptive_bins: None -> 16\)"):
+        loop.train(config, str(workdir))
+    config.training.num_steps = 10
+    config.diffusion.adaptive_bins = 32  # base.py's default
+    assert loop.train(config, str(workdir))["summary/total_steps"] == 10
+
+
 def test_changes_of_how_the_run_evaluates_are_allowed_on_resume(uninterrupted, tmp_path):
     workdir = tmp_path / "changed"
     shutil.copytree(uninterrupted, workdir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import numbers
 import os
 import runpy
@@ -83,11 +84,16 @@ def _check_range(config, key: str, ok: Callable[[float], bool], allowed: str) ->
 
 
 @functools.lru_cache(maxsize=1)
+def base_defaults() -> dict[str, Any]:
+    """Every key of configs/base.py, dotted, with its value; empty where configs/ is absent."""
+    if not os.path.isfile(BASE_CONFIG):
+        return {}
+    return flatten_hparams(json.loads(runpy.run_path(BASE_CONFIG)["get_config"]().to_json_best_effort()))
+
+
 def known_keys() -> frozenset[str]:
     """Every key of configs/base.py, dotted; empty where the repository's configs/ is absent."""
-    if not os.path.isfile(BASE_CONFIG):
-        return frozenset()
-    return frozenset(flatten_hparams(runpy.run_path(BASE_CONFIG)["get_config"]().to_dict()))
+    return frozenset(base_defaults())
 
 
 def _check_known_keys(config: ml_collections.ConfigDict) -> None:

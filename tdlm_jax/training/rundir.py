@@ -32,6 +32,7 @@ from tdlm_jax.errors import CheckpointError, ConfigError
 from tdlm_jax.metrics import catalogue, jsonl
 from tdlm_jax.metrics.jsonl import ALERTS_FILE, CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE
 from tdlm_jax.metrics.writers import drop_events_after, flatten_hparams
+from tdlm_jax.training import config as config_lib
 from tdlm_jax.training.compilation import CACHE_SUBDIR
 from tdlm_jax.training.setup import CHECKPOINTS
 
@@ -126,8 +127,11 @@ def check_config_change(config: ml_collections.ConfigDict, workdir: str) -> bool
         return True  # nothing to resume, so nothing to contradict
     saved = flatten_hparams(saved_config)
     current = flatten_hparams(json.loads(config.to_json_best_effort()))
+    # A key the saved run predates (added by a later version) counts as unchanged at its default.
+    defaults = config_lib.base_defaults()
     changed = {k: (saved.get(k), current.get(k)) for k in sorted(saved.keys() | current.keys())
-               if saved.get(k) != current.get(k)}
+               if saved.get(k) != current.get(k)
+               and not (k not in saved and k in defaults and current.get(k) == defaults[k])}
     if not changed:
         return False
     described = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
