@@ -196,8 +196,8 @@ def test_the_loop_analyses_the_very_batch_each_step_trains_on(tmp_path, monkeypa
         process = config_lib.forward_process(config, run.tokenizer.mask_id)
         analysis = compiled[programs.ANALYSIS].compiled  # the program the loop calls
 
-        def recording_analysis(params, tokens, valid, rng):
-            metrics = analysis(params, tokens, valid, rng)
+        def recording_analysis(params, tokens, valid, rng, *proposal_and_step):
+            metrics = analysis(params, tokens, valid, rng, *proposal_and_step)
             batch = corrupt(process, rng, tokens, valid)
             rows = jax.tree.map(lambda x: x[np.array([0, 2, 5])], batch)
             _, internals = nnx.merge(run.graphdef, params)(rows.noisy_BxL, rows.valid_BxL, rows.t_B,
