@@ -34,7 +34,7 @@ SEED_KEY = "seed"
 # (column title, how the point's value is taken); see `point_values`.
 COLUMNS = (
     "best val loss", "final mask acc", "low acc", "medium acc", "high acc",
-    "grad ratio high/low", "tokens/s", "alerts",
+    "grad ratio high/low", "loss stderr", "tokens/s", "alerts",
 )
 _LAST = {
     "final mask acc": names.MASK_ACCURACY,
@@ -49,7 +49,7 @@ CURVES = (
         names.TRAIN_LOSS, names.MASK_ACCURACY,
         *(bucket_name(names.BUCKET_ACCURACY, b) for b in BUCKETS),
         *(bucket_name(names.BUCKET_GRADIENT_NORM, b) for b in BUCKETS),
-        names.GRADIENT_NORM_TOTAL, names.GRADIENT_RATIO)),
+        names.GRADIENT_NORM_TOTAL, names.GRADIENT_RATIO, names.LOSS_ESTIMATOR_STDERR)),
 )
 _LINESTYLES = ("-", "--", ":", "-.")
 
@@ -121,6 +121,9 @@ def point_values(run: PointRun) -> dict[str, float | None]:
     values: dict[str, float | None] = {"best val loss": best}
     values.update({column: _last(run.history, metric) for column, metric in _LAST.items()})
     values["tokens/s"] = round(statistics.fmean(speeds)) if speeds else None  # whole tokens: 10477, not 10477.3
+    # The mean over research logs: one batch's standard error is itself a noisy estimate.
+    stderrs = [v for _, v in metric_points(run.history, names.LOSS_ESTIMATOR_STDERR) if math.isfinite(v)]
+    values["loss stderr"] = statistics.fmean(stderrs) if stderrs else None
     values["alerts"] = run.alert_starts
     return values
 
