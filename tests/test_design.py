@@ -21,11 +21,11 @@ STATISTICS = ("metrics/mask_accuracy", "research/avg_loss_weight", "research/wei
               "research/avg_prediction_difficulty", "research/weight_difficulty_correlation", "train/loss")
 
 
-def draw_statistics(process, graphdef, params, tokens, valid, key):
+def draw_statistics(process, graphdef, params, tokens, valid, key, q_K=None):
     """The tier-1/2 token statistics and the loss of one draw; the rows are shuffled first, so
     that (as with real data) no row's content is tied to a stratum."""
     order = jax.random.permutation(jax.random.fold_in(key, 7), tokens.shape[0])
-    batch = corrupt(process, key, tokens[order], valid[order])
+    batch = corrupt(process, key, tokens[order], valid[order], q_K)
     scores = batch_scores(nnx.merge(graphdef, params), batch)
     rows = research.row_statistics(scores, batch)
     rows_B = weighted_token_losses(scores.nll_BxL, batch).sum(axis=-1) / num_valid_tokens(batch)
@@ -34,9 +34,9 @@ def draw_statistics(process, graphdef, params, tokens, valid, key):
             "stderr": research.loss_estimator_stderr(rows_B, process, research.row_buckets(process, batch))}
 
 
-def monte_carlo(process, tokens, valid, draws, seed=0):
+def monte_carlo(process, tokens, valid, draws, seed=0, q_K=None):
     graphdef, params = model_parts()  # built outside the trace
-    fn = jax.jit(jax.vmap(lambda key: draw_statistics(process, graphdef, params, tokens, valid, key)))
+    fn = jax.jit(jax.vmap(lambda key: draw_statistics(process, graphdef, params, tokens, valid, key, q_K)))
     keys = jax.random.split(jax.random.key(seed), draws)
     chunks = [jax.device_get(fn(keys[i:i + 500])) for i in range(0, draws, 500)]
     return {name: np.concatenate([c[name] for c in chunks]).astype(np.float64) for name in chunks[0]}
@@ -50,18 +50,31 @@ def mean_and_error(values):
 def designs():
     tokens = jax.random.randint(jax.random.key(1), (128, 32), 0, 256)
     valid = jnp.ones_like(tokens, bool)
-    return {design: monte_carlo(make_process(design, t_min=T_MIN, batch_size=128), tokens, valid, 1000)
+    runs = {design: monte_carlo(make_process(design, t_min=T_MIN, batch_size=128), tokens, valid, 600)
             for design in ("iid", "stratified")}
+    # Adaptive, with a proposal skewed towards small t (bin 0 is e^4 ≈ 55× as likely as bin 31).
+    skewed = jnp.exp(-jnp.arange(32) / 8.0)
+    runs["adaptive"] = monte_carlo(make_process("adaptive", t_min=T_MIN, batch_size=128), tokens, valid, 600,
+                                   q_K=skewed / skewed.sum())
+    return runs
 
 
 def test_every_design_estimates_the_same_statistics(designs):
-    """On a fixed model, each statistic's mean over 1000 batches of 128 rows agrees across
-    designs within 4 standard errors; and avg_loss_weight is the linear schedule's exact
+    """On a fixed model, each statistic's mean over 600 batches of 128 rows agrees across the
+    iid, stratified and (skewed) adaptive designs within 4 standard errors; and
+    avg_loss_weight is the linear schedule's exact
     E[w·m]/E[m] = 1/E[t] = 2/(1 + t_min). (At 8 rows, unweighted, stratified sampling's
     avg_loss_weight was 1.84: tests/test_research.py checks the weighting itself.)"""
     for name in STATISTICS:
-        (iid, iid_error), (strat, strat_error) = (mean_and_error(designs[d][name]) for d in ("iid", "stratified"))
-        assert abs(iid - strat) < 4 * math.hypot(iid_error, strat_error), (name, iid, strat)
+        for a, b in (("iid", "stratified"), ("stratified", "adaptive"), ("iid", "adaptive")):
+            (mean_a, error_a), (mean_b, error_b) = mean_and_error(designs[a][name]), mean_and_error(designs[b][name])
+            allowed = 4 * math.hypot(error_a, error_b)
+            if name == "research/weight_difficulty_correlation" and "adaptive" in (a, b):
+                # A Pearson correlation is a ratio of weighted sums over one batch: consistent, but its
+                # finite-batch bias grows as skewed p/q weights shrink the effective batch (measured:
+                # −0.284 under this q against −0.307, at 128 rows).
+                allowed = 0.03
+            assert abs(mean_a - mean_b) < allowed, (name, a, mean_a, b, mean_b)
     weight, error = mean_and_error(designs["stratified"]["research/avg_loss_weight"])
     assert abs(weight - 2 / (1 + T_MIN)) < 4 * error and error < 0.005
 
