@@ -38,7 +38,7 @@ def monte_carlo(process, tokens, valid, draws, seed=0, q_K=None):
     graphdef, params = model_parts()  # built outside the trace
     fn = jax.jit(jax.vmap(lambda key: draw_statistics(process, graphdef, params, tokens, valid, key, q_K)))
     keys = jax.random.split(jax.random.key(seed), draws)
-    chunks = [jax.device_get(fn(keys[i:i + 500])) for i in range(0, draws, 500)]
+    chunks = [jax.device_get(fn(keys[i:i + 300])) for i in range(0, draws, 300)]  # one shape: one compile
     return {name: np.concatenate([c[name] for c in chunks]).astype(np.float64) for name in chunks[0]}
 
 
