@@ -16,7 +16,7 @@ import pytest
 
 from tdlm_jax.errors import ConfigError, TrainingError
 from tdlm_jax.inference.trained import load_trained
-from tdlm_jax.metrics import jsonl
+from tdlm_jax.metrics import catalogue, jsonl
 from tdlm_jax.metrics.writers import read_scalars
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import loop
@@ -214,6 +214,14 @@ def test_resumed_run_logs_the_same_values_as_an_uninterrupted_one(tmp_path, over
     if overrides:  # the proposal the step-8 research row logs has left uniform
         q = [r for r in jsonl.read(full / "metrics.jsonl") if "research/time_proposal/bin_0" in r][-1]
         assert q["step"] == 8 and max(abs(q[f"research/time_proposal/bin_{k}"] - 0.25) for k in range(4)) > 1e-3
+        assert sum(q[f"research/time_proposal/bin_{k}"] for k in range(4)) == pytest.approx(1.0)
+        logged = set(q) - {"step"}
+        assert logged == {n for n in catalogue.scalar_names("diffusion", 2, (), tiers=(catalogue.TIER2,), num_bins=4)
+                          if catalogue.tier_of(n) == catalogue.TIER2}  # every research name, the bins included
+        assert [s for s, _ in read_scalars(str(full))["research/time_proposal/bin_3"]] == [4, 8]
+        events = b"".join(p.read_bytes() for p in full.glob("events.out.tfevents*"))
+        # A Summary.Value whose tag is followed by field 5 (0x2a): a histogram, one per detailed step.
+        assert events.count(b"research/time_proposal\x2a") == 2
 
     def after_step_4(workdir):
         return [{k: v for k, v in r.items() if k not in ("train/tokens_per_second",) and not k.startswith("summary/")}
