@@ -31,7 +31,9 @@ TIER1 = {
     "summary/training_time_hours", "summary/total_steps", "summary/final_loss", "summary/best_val_loss",
 }
 TIER2 = {f"research/{b}_corruption_{what}" for b in ("low", "medium", "high")
-         for what in ("accuracy", "count", "loss")} | {
+         for what in ("accuracy", "count", "loss", "loss_std")} | {
+    "research/loss_estimator_stderr", "research/gradient_noise_scale", "research/gradient_noise_trace",
+    "research/gradient_signal_squared"} | {
     f"research/gradient_norm_{b}_corruption" for b in ("low", "medium", "high")} | {
     "research/gradient_norm_total", "research/gradient_norm_ratio_high_to_low",
     "research/weight_difficulty_correlation", "research/avg_loss_weight", "research/weight_std",
@@ -159,7 +161,7 @@ def test_cli_logs_research_metrics_on_detailed_steps_only(cli_run):
         assert [step for step, _ in events.get(name, [])] in ([4], []), name
     # Only metrics that may be undefined can be missing from TensorBoard (skipped as None).
     assert {n for n in TIER2 if n not in events} <= {n for n in TIER2 if n.endswith("accuracy") or "ratio" in n
-                                                    or "correlation" in n}
+                                                    or "correlation" in n or n.endswith("noise_scale")}
 
 
 def test_cli_rejects_bad_config_values_with_one_line(tmp_path):
