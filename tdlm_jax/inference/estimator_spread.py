@@ -2,7 +2,8 @@
 
 `evaluate --estimator_spread=N` draws the training loss estimate (the run's weighting, the
 NELBO estimate the gradient follows) N times on one fixed training-sized batch with the
-checkpoint's parameters, with fresh noise each time (times and masks), under `iid`,
+checkpoint's parameters, with fresh noise each time (times, masks, and the rows' order,
+which decides the row each stratum gets), under `iid`,
 `stratified` and `adaptive` time sampling, and reports each design's mean and standard
 deviation. All three estimate the same quantity (the means agree within their errors);
 the standard deviations say how much each design's estimate wanders. `adaptive` needs a
@@ -58,7 +59,10 @@ def loss_estimate_spread(trained, tokens_BxL: np.ndarray, valid_BxL: np.ndarray,
         q = jnp.asarray(q_K) if design == "adaptive" else None
 
         def estimate(key, process=process, q=q):
-            batch = corrupt(process, key, tokens, valid, q)
+            # The batch's rows in a fresh order each draw, as real batches come: a fixed row-to-stratum
+            # assignment would make each design estimate its own conditional mean of this batch.
+            order = jax.random.permutation(jax.random.fold_in(key, 1), tokens.shape[0])
+            batch = corrupt(process, key, tokens[order], valid[order], q)
             scores = batch_scores(nnx.merge(graphdef, model_params), batch)
             return weighted_token_losses(scores.nll_BxL, batch).sum() / num_valid_tokens(batch)
 
