@@ -86,4 +86,6 @@ def format_spread(result: dict[str, float]) -> str:
         std, n = result[f"estimator_spread/{design}_std"], result[f"estimator_spread/{design}_draws"]
         lines.append(f"  {design:<12}{result[f'estimator_spread/{design}_mean']:>10.4f}{std / math.sqrt(n):>9.4f}"
                      f"{std:>10.4f}")
+    if "estimator_spread/adaptive_std" not in result:
+        lines.append("  adaptive    (no proposal: the run is not adaptive; pass --proposal_from=AN_ADAPTIVE_RUN)")
     return "\n".join(lines)
