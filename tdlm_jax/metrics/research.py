@@ -11,12 +11,13 @@ so Σ_b L_b = L and Σ_b ∇L_b = ∇L. Each ∇L_b is a gradient of its own los
 of the total:
 - With 'stratified' time sampling (the default) bucket membership is fixed by row index
   (`tdlm_jax.diffusion.corruption`), so each ∇L_b is a separate `jax.grad` over that
-  bucket's rows alone. The three sub-batch passes together cost about one full pass, and
-  the update uses their sum, which is ∇L: the detailed step costs little more than an
-  ordinary one and applies the same update (equal up to float summation order).
-- With 'iid' time sampling membership is random, so one forward pass is shared and its
-  VJP is pulled back three times, once per bucket-masked cotangent (1 forward + 3
-  backward passes). The update again uses the sum of the three.
+  bucket's rows alone, split further into its even and its odd rows for the gradient
+  noise scale (`noise_scale_metrics`). The six sub-batch passes together cost about one
+  full pass, and the update uses their sum, which is ∇L: the detailed step applies the
+  same update as an ordinary one (equal up to float summation order).
+- With 'iid' or 'adaptive' time sampling membership is data, so one forward pass is shared
+  and its VJP is pulled back once per bucket-masked cotangent, and once more for the even
+  rows (1 forward + 4 backward passes). The update again uses the sum of the three.
 Neither path changes the estimator: the loss is the same unbiased NELBO estimate as in
 the ordinary step.
 """
