@@ -33,14 +33,8 @@ DRAWS_PER_CALL = 8  # draws vmapped in one compiled call
 
 def last_logged_proposal(workdir: str) -> np.ndarray | None:
     """q of the last research row of a run that logged one (an adaptive run), else None."""
-    rows = [r for r in jsonl.read(os.path.join(workdir, jsonl.METRICS_FILE))
-            if catalogue.TIME_PROPOSAL_BIN.format(bin=0) in r]
-    if not rows:
-        return None
-    row, bins = rows[-1], []
-    while catalogue.TIME_PROPOSAL_BIN.format(bin=len(bins)) in row:
-        bins.append(row[catalogue.TIME_PROPOSAL_BIN.format(bin=len(bins))])
-    return np.asarray(bins, np.float32)
+    proposals = [q for r in jsonl.read(os.path.join(workdir, jsonl.METRICS_FILE)) if (q := catalogue.time_proposal(r))]
+    return np.asarray(proposals[-1], np.float32) if proposals else None
 
 
 def loss_estimate_spread(trained, tokens_BxL: np.ndarray, valid_BxL: np.ndarray, *, draws: int, seed: int,

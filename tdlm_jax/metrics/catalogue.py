@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 BUCKETS = ("low", "medium", "high")  # corruption buckets, by masking rate (metrics.bucket_edges)
 
@@ -242,6 +242,15 @@ def scalar_names(objective: str, num_layers: int, rules: Sequence[str], tiers: S
     entries = [m for m in CATALOGUE if m.kind == "scalar" and (m.tier in tiers or m.tier == SUMMARY)
                and (diffusion or not m.diffusion_only)]
     return _concrete(entries, num_layers=num_layers, rules=rules, num_bins=num_bins)
+
+
+def time_proposal(row: Mapping[str, float | None]) -> list[float]:
+    """The adaptive time proposal's q over its bins from a row's `TIME_PROPOSAL_BIN` values
+    ([] if the row has none, or any is missing)."""
+    bins = []
+    while TIME_PROPOSAL_BIN.format(bin=len(bins)) in row:
+        bins.append(row[TIME_PROPOSAL_BIN.format(bin=len(bins))])
+    return bins if all(q is not None for q in bins) else []
 
 
 def tier_of(name: str) -> str | None:

@@ -241,8 +241,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
         _close_quietly(writer)
         if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):  # XLA's two spellings
             raise TrainingError(f"out of memory on {jax.devices()[0].device_kind} "
-                                f"({str(e).strip().splitlines()[0][:160]}): lower training.batch_size or "
-                                "data.seq_len, raise training.grad_accum_steps, or set model.remat=true") from e
+                                f"({str(e).strip().splitlines()[0][:160]}): {programs.TRAIN_STEP_FIX}") from e
         raise
     except BaseException:
         _close_quietly(writer)  # flush what can be flushed; the error that stopped training wins

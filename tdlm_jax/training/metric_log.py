@@ -84,7 +84,7 @@ class MetricLog:
             else:
                 row = aggregation.to_host_scalars(fetched)
             self.write(step, row)
-            proposal = proposal_histogram(row)
+            proposal = names.time_proposal(row)
             if proposal:
                 self.writer.write_histograms(step, {names.TIME_PROPOSAL: proposal})
         self.pending.clear()
@@ -120,10 +120,3 @@ class MetricLog:
         self.last_step, self.last_time, self.excluded_seconds = step, now, 0.0
         return steps * self.tokens_per_step / seconds if seconds > 0 and steps > 0 else None
 
-
-def proposal_histogram(row: dict[str, float | None]) -> list[float]:
-    """The adaptive time proposal's q over its bins, from a tier-2 row's per-bin scalars ([] if none)."""
-    bins = []
-    while names.TIME_PROPOSAL_BIN.format(bin=len(bins)) in row:
-        bins.append(row[names.TIME_PROPOSAL_BIN.format(bin=len(bins))])
-    return bins if all(q is not None for q in bins) else []

@@ -34,9 +34,10 @@ TRAIN, DETAILED, EVAL, ANALYSIS = "train", "detailed", "eval", "analysis"
 LABELS = {TRAIN: "the train step", DETAILED: "the train step with tier-2 metrics", EVAL: "evaluation",
           ANALYSIS: "the tier-3 analysis"}
 # What lowers a variant's memory, for the one-line error when it does not fit.
+TRAIN_STEP_FIX = "lower training.batch_size or data.seq_len, raise training.grad_accum_steps, or set model.remat=true"
 FIXES = {
-    TRAIN: "lower training.batch_size or data.seq_len, raise training.grad_accum_steps, or set model.remat=true",
-    DETAILED: "lower training.batch_size or data.seq_len, raise training.grad_accum_steps, or set model.remat=true",
+    TRAIN: TRAIN_STEP_FIX,
+    DETAILED: TRAIN_STEP_FIX,
     EVAL: "lower data.eval_batch_size",
     ANALYSIS: "lower training.analysis_rows",
 }

@@ -220,7 +220,7 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
         metrics.update(tier1_metrics(stats["correct_B"], batch))
         if detailed:
             metrics.update(research.research_metrics(stats, batch, process, stats["loss_B"], grads_by_bucket))
-            metrics.update(research.noise_scale_metrics(optax.tree.norm(grads) ** 2, small_sq_sum,
+            metrics.update(research.noise_scale_metrics(research.squared_norm(grads), small_sq_sum,
                                                         num_small=max(grad_accum_steps, 2),
                                                         batch_size=tokens_BxL.shape[0]))
             if q_K is not None:  # the proposal this step drew its times from
