@@ -56,17 +56,60 @@ def test_time_at_mask_rate_inverts_the_schedule(name):
 def test_bucket_plan_allocates_rows_in_proportion():
     plan = plan_buckets(Schedule("linear"), 1e-3, EDGES, 32)
     assert plan.counts == (9, 13, 10) and sum(plan.counts) == 32
-    assert plan.rows == ((0, 9), (9, 22), (22, 32))
+    assert plan.slots == ((0, 9), (9, 22), (22, 32)) and (plan.slot_rows, plan.shards) == (1, 1)
     # p_b·B / n_b, with p_b the bucket's share of U[t_min, 1].
     probs = [(hi - lo) / (1 - 1e-3) for lo, hi in plan.t_bounds]
     np.testing.assert_allclose(plan.unbias, [p * 32 / n for p, n in zip(probs, plan.counts)])
     assert plan_buckets(Schedule("linear"), 1e-3, EDGES, 2).counts.count(0) == 1  # too few rows
 
 
+def test_bucket_plan_aligned_to_microbatches_and_shards_gives_each_the_same_buckets():
+    # base.py: 32 rows in 8 microbatches: 4 slots of 8 rows, shared 1, 2, 1 (p·4 = 1.2, 1.6, 1.2).
+    plan = plan_buckets(Schedule("linear"), 1e-3, EDGES, 32, microbatches=8)
+    assert plan.slots == ((0, 1), (1, 3), (3, 4)) and plan.counts == (8, 16, 8)
+    bucket_B, _ = plan.row_strata()
+    np.testing.assert_array_equal(bucket_B, np.repeat([0, 1, 1, 2], 8))
+    # 2 microbatches over 4 shards: each shard's 8 rows are 4 slots of 2; every microbatch
+    # (rows j, j + 2, ...) holds buckets 0, 1, 1, 2 on every shard.
+    plan = plan_buckets(Schedule("linear"), 1e-3, EDGES, 32, microbatches=2, shards=4)
+    bucket_B, stratum_B = plan.row_strata()
+    np.testing.assert_array_equal(bucket_B, np.tile([0, 0, 1, 1, 1, 1, 2, 2], 4))
+    for j in range(2):
+        np.testing.assert_array_equal(bucket_B[j::2].reshape(4, 4), np.tile([0, 1, 1, 2], (4, 1)))
+    for b, n in enumerate(plan.counts):  # strata 0..n_b − 1, each once
+        np.testing.assert_array_equal(np.sort(stratum_B[bucket_B == b]), np.arange(n))
+    probs = [(hi - lo) / (1 - 1e-3) for lo, hi in plan.t_bounds]
+    np.testing.assert_allclose(plan.unbias, [p * 32 / n for p, n in zip(probs, plan.counts)])
+    # Fewer slots than buckets (8 rows in 8 microbatches): allocated row by row, as unaligned.
+    unaligned = plan_buckets(Schedule("linear"), 1e-3, EDGES, 8, microbatches=8)
+    assert (unaligned.slot_rows, unaligned.shards, unaligned.counts) == (1, 1, (2, 3, 3))
+
+
+@pytest.mark.parametrize("microbatches, shards", [(8, 1), (2, 4)])
+def test_aligned_stratified_times_fall_in_their_bucket_and_strata_and_stay_unbiased(microbatches, shards):
+    process = ForwardProcess(Schedule("linear"), 1e-3, "stratified", "elbo", 10.0, MASK_ID, EDGES, 32,
+                             microbatches=microbatches, shards=shards)
+    assert process.aligned_buckets(microbatches) and not process.aligned_buckets(1)
+    bucket_B, stratum_B = process.plan.row_strata()
+    t, unbias = (np.asarray(x) for x in process.sample_times(jax.random.key(0)))
+    for b, ((lo, hi), n) in enumerate(zip(process.plan.t_bounds, process.plan.counts)):
+        in_b = bucket_B == b
+        np.testing.assert_array_equal(np.floor((t[in_b] - lo) / (hi - lo) * n), stratum_B[in_b])
+    np.testing.assert_allclose(unbias, np.asarray(process.plan.unbias)[bucket_B])
+    # The factors keep the estimate of E[f(t)] under U[t_min, 1] unbiased, for f(t) = t².
+    def estimate(key):
+        t_B, unbias_B = process.sample_times(key)
+        return jnp.mean(unbias_B * t_B ** 2)
+
+    samples = np.asarray(jax.vmap(estimate)(jax.random.split(jax.random.key(1), 4000)))
+    exact = (1 - 1e-3 ** 3) / (3 * (1 - 1e-3))
+    assert abs(samples.mean() - exact) < 4 * samples.std() / np.sqrt(len(samples)) + 1e-6
+
+
 def test_stratified_times_fall_in_their_bucket_and_strata():
     process = make_process(32)
     t, unbias = process.sample_times(jax.random.key(0))
-    for (start, stop), (lo, hi) in zip(process.plan.rows, process.plan.t_bounds):
+    for (start, stop), (lo, hi) in zip(process.plan.slots, process.plan.t_bounds):
         n = stop - start
         strata = np.floor((np.asarray(t[start:stop]) - lo) / (hi - lo) * n)
         np.testing.assert_array_equal(strata, np.arange(n))  # one draw in each stratum

@@ -1,6 +1,7 @@
 """Gradient accumulation, rematerialization, bf16 compute, the parameter EMA and a padded
 vocabulary: each must leave the math unchanged (or change it exactly as documented)."""
 
+import dataclasses
 import functools
 import runpy
 
@@ -25,10 +26,13 @@ from test_train import TINY
 
 
 @functools.lru_cache(maxsize=None)
-def step_fn(num_devices: int, grad_accum_steps: int, objective: str = "diffusion", ema_decay: float = 0.0):
+def step_fn(num_devices: int, grad_accum_steps: int, objective: str = "diffusion", ema_decay: float = 0.0,
+            plan_for: tuple[int, int] = (1, 1)):
+    """The jitted step; its stratified layout is aligned to `plan_for` = (microbatches, shards)."""
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     optimizer, schedule = optimizer_and_schedule()
-    return mesh, step_lib.jit_train_step(mesh, graphdef=model_parts()[0], process=make_process(),
+    process = dataclasses.replace(make_process(), microbatches=plan_for[0], shards=plan_for[1])
+    return mesh, step_lib.jit_train_step(mesh, graphdef=model_parts()[0], process=process,
                                          optimizer=optimizer, lr_schedule=schedule, objective=objective,
                                          grad_accum_steps=grad_accum_steps, ema_decay=ema_decay)
 
@@ -39,8 +43,8 @@ def fresh(mesh, ema: bool = False):
     return sharding.replicate(step_lib.init_state(params, optimizer, seed=0, ema=ema), mesh)
 
 
-def run_steps(num_devices, grad_accum_steps, detailed, objective="diffusion", steps=2):
-    mesh, fn = step_fn(num_devices, grad_accum_steps, objective)
+def run_steps(num_devices, grad_accum_steps, detailed, objective="diffusion", steps=2, plan_for=(1, 1)):
+    mesh, fn = step_fn(num_devices, grad_accum_steps, objective, plan_for=plan_for)
     state, history = fresh(mesh), []
     for i in range(steps):
         data = sharding.global_batch(random_batch(seed=i), mesh)
@@ -75,6 +79,27 @@ def test_accumulated_update_equals_one_big_batch(detailed):
     if detailed:  # per-bucket gradients are real, distinct gradients under accumulation too
         norms = [accumulated[1][-1][f"research/gradient_norm_{b}_corruption"] for b in ("low", "medium", "high")]
         assert len(set(np.round(norms, 6))) == 3 and min(norms) > 0
+
+
+def test_aligned_accumulation_takes_per_microbatch_bucket_gradients_equal_to_one_big_batch():
+    """The layout aligned to 2 microbatches (8 rows: 4 slots of 2, shared 1, 2, 1): the
+    accumulated detailed step takes a `jax.grad` per bucket in each microbatch, and its update
+    and every metric (per-bucket gradient norms included) equal the one-big-batch step's on
+    the same noise, whose layout is not aligned to one microbatch (the masked path)."""
+    process = dataclasses.replace(make_process(), microbatches=2)
+    assert process.aligned_buckets(2) and not process.aligned_buckets(1)
+    one = run_steps(1, 1, True, plan_for=(2, 1))
+    accumulated = run_steps(1, 2, True, plan_for=(2, 1))
+    assert_same_run(one, accumulated)
+    norms = [accumulated[1][-1][f"research/gradient_norm_{b}_corruption"] for b in ("low", "medium", "high")]
+    assert len(set(np.round(norms, 6))) == 3 and min(norms) > 0
+
+
+def test_layout_aligned_to_two_shards_gives_the_same_step_on_one_device_and_two():
+    """Each device's 4 rows hold the buckets 0, 1, 1, 2: the per-bucket passes slice every
+    device's own rows, and the step equals the same computation on one device."""
+    assert dataclasses.replace(make_process(), shards=2).aligned_buckets(1)
+    assert_same_run(run_steps(1, 1, True, plan_for=(1, 2)), run_steps(2, 1, True, plan_for=(1, 2)))
 
 
 def test_accumulation_over_four_microbatches_of_two_rows():

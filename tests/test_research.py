@@ -105,7 +105,7 @@ def brute_force_bucket_grads(params, batch, process):
 def project_grads(process, batch):
     graphdef, params = model_parts()
     row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid_tokens(batch))
-    return research.bucket_gradients(row_loss_fn, params, batch, process)
+    return research.bucket_gradients(row_loss_fn, params, batch, process, research.row_buckets(process, batch))
 
 
 def assert_trees_close(a, b, atol=1e-6):
@@ -141,8 +141,8 @@ def test_only_high_corruption_batch_has_zero_low_and_medium_gradients(sampling):
     process = make_process(sampling, t_min=0.75)  # every t > 0.75, so every m > 0.7
     batch = corrupted_batch(process, seed=1)
     assert bool(jnp.all(batch.mask_rate_B > 0.7))
-    grads, _, rows, scores = project_grads(process, batch)
-    metrics = aggregation.to_host_scalars(research.research_metrics(research.row_statistics(scores, batch), batch, process, rows, grads))
+    grads, _, rows, row_stats = project_grads(process, batch)
+    metrics = aggregation.to_host_scalars(research.research_metrics(row_stats, batch, process, rows, grads))
     assert metrics["research/gradient_norm_low_corruption"] == 0.0
     assert metrics["research/gradient_norm_medium_corruption"] == 0.0
     assert metrics["research/gradient_norm_high_corruption"] == pytest.approx(

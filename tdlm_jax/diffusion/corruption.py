@@ -9,7 +9,9 @@ Time sampling. Each sequence of the global batch gets its own t ∈ [t_min, 1].
   one uniform draw in each. Every row is reweighted by p_b·B / n_b (1 when p_b·B is an
   integer), so the estimate of E_t[·] under U[t_min, 1] stays exactly unbiased. Because
   bucket membership is then fixed by row index, the research step can take each bucket's
-  gradient on its own rows; see `tdlm_jax.metrics.research`. A batch with fewer rows than
+  gradient on its own rows; see `tdlm_jax.metrics.research`. The rows are laid out so that
+  every microbatch of the train step, on every device, holds the same buckets (`BucketPlan`),
+  which rounds each n_b to a multiple of microbatches × shards. A batch with fewer rows than
   buckets of positive probability (B = 1 or 2) cannot give each bucket a row, and a bucket
   without rows would never be sampled (a biased loss), so such a batch is stratified over
   the whole of [t_min, 1] instead (B equal strata, unbias 1) and its buckets are taken from
@@ -31,6 +33,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from tdlm_jax.diffusion import proposal
@@ -44,43 +47,83 @@ LOSS_WEIGHTINGS = ("elbo", "uniform", "clipped")
 class BucketPlan:
     """Static per-bucket layout of the global batch for bucket-aligned stratified sampling.
 
+    The batch is `shards` equal blocks of rows (each device's share of it), and every block
+    is a run of slots of `slot_rows` consecutive rows. A bucket owns the same range of slots
+    in every block. With `slot_rows` = k microbatches, microbatch j (rows j, j + k, …; see
+    `tdlm_jax.training.step.microbatches`) takes one row of every slot: every microbatch on
+    every device then holds the same static bucket layout, which is what lets the research
+    step take each bucket's gradient on its own rows in every microbatch.
+
     Attributes:
-      rows: (start, stop) row range of each bucket in the global batch.
+      slots: (start, stop) slot range of each bucket within every block.
+      slot_rows: rows per slot (the microbatches the layout is aligned to; 1: a row per slot).
+      shards: blocks of the batch (its data shards).
       t_bounds: (lo, hi) time interval of each bucket, clipped to [t_min, 1].
       unbias: p_b·B / n_b for each bucket (0 for a bucket with no rows).
     """
 
-    rows: tuple[tuple[int, int], ...]
+    slots: tuple[tuple[int, int], ...]
+    slot_rows: int
+    shards: int
     t_bounds: tuple[tuple[float, float], ...]
     unbias: tuple[float, ...]
 
     @property
     def counts(self) -> tuple[int, ...]:
-        return tuple(stop - start for start, stop in self.rows)
+        """Rows of each bucket in the whole batch."""
+        return tuple(self.shards * self.slot_rows * (stop - start) for start, stop in self.slots)
+
+    def row_strata(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket of every row, its stratum: the row's rank among its bucket's rows), int [B]."""
+        slot_buckets = np.concatenate([np.full(stop - start, b) for b, (start, stop) in enumerate(self.slots)])
+        bucket_B = np.tile(np.repeat(slot_buckets, self.slot_rows), self.shards).astype(np.int32)
+        stratum_B = np.zeros_like(bucket_B)
+        for b in range(len(self.slots)):
+            stratum_B[bucket_B == b] = np.arange((bucket_B == b).sum())
+        return bucket_B, stratum_B
 
 
-def plan_buckets(schedule: Schedule, t_min: float, mask_rate_edges, batch_size: int) -> BucketPlan:
-    """Allocates the rows of a global batch to corruption buckets, proportionally.
-
-    Rows go by largest remainder, and every bucket of positive probability gets at least
-    one row when the batch has enough rows, so no bucket's metrics vanish by rounding.
-    """
-    times = [min(max(schedule.time_at_mask_rate(m), t_min), 1.0) for m in mask_rate_edges]
-    t_bounds = tuple(zip(times[:-1], times[1:]))
-    probs = [(hi - lo) / (1.0 - t_min) for lo, hi in t_bounds]
-    ideal = [p * batch_size for p in probs]
+def proportional_counts(probs: list[float], total: int) -> list[int]:
+    """`total` units shared in proportion to `probs` by largest remainder, every share of
+    positive probability getting at least one when there are enough units, so that no
+    bucket's metrics vanish by rounding."""
+    ideal = [p * total for p in probs]
     counts = [math.floor(x) for x in ideal]
     by_remainder = sorted(range(len(ideal)), key=lambda b: counts[b] - ideal[b])
-    for b in by_remainder[: batch_size - sum(counts)]:
+    for b in by_remainder[: total - sum(counts)]:
         counts[b] += 1
     for b in range(len(counts)):
         if probs[b] > 0 and counts[b] == 0 and max(counts) > 1:
             counts[b] += 1
             counts[counts.index(max(counts))] -= 1
-    starts = [sum(counts[:b]) for b in range(len(counts))]
-    rows = tuple((s, s + n) for s, n in zip(starts, counts))
-    unbias = tuple(p * batch_size / n if n else 0.0 for p, n in zip(probs, counts))
-    return BucketPlan(rows=rows, t_bounds=t_bounds, unbias=unbias)
+    return counts
+
+
+def plan_buckets(schedule: Schedule, t_min: float, mask_rate_edges, batch_size: int, microbatches: int = 1,
+                 shards: int = 1) -> BucketPlan:
+    """Allocates the rows of a global batch to corruption buckets, in proportion to their
+    probabilities, in slots aligned to `microbatches` and `shards` (see `BucketPlan`).
+
+    Aligning costs precision of the allocation, not bias: with k microbatches over D shards
+    each bucket's row count is a multiple of k·D (base.py's 32 rows in 8 microbatches: 8,
+    16, 8 rows where 9.6, 12.8, 9.6 are proportional), and the unbiasing factors p_b·B/n_b
+    absorb the rounding. A batch with fewer slots than buckets of positive probability is
+    allocated row by row instead (one slot per row, one block): its bucket layout is then
+    static for the whole batch but differs between microbatches.
+    """
+    times = [min(max(schedule.time_at_mask_rate(m), t_min), 1.0) for m in mask_rate_edges]
+    t_bounds = tuple(zip(times[:-1], times[1:]))
+    probs = [(hi - lo) / (1.0 - t_min) for lo, hi in t_bounds]
+    group = microbatches * shards
+    num_slots = batch_size // group if batch_size % group == 0 else 0
+    if num_slots < sum(p > 0 for p in probs):
+        microbatches, shards, num_slots = 1, 1, batch_size
+    slot_counts = proportional_counts(probs, num_slots)
+    starts = [sum(slot_counts[:b]) for b in range(len(slot_counts))]
+    slots = tuple((s, s + n) for s, n in zip(starts, slot_counts))
+    rows_per_slot = batch_size // num_slots
+    unbias = tuple(p * batch_size / (n * rows_per_slot) if n else 0.0 for p, n in zip(probs, slot_counts))
+    return BucketPlan(slots=slots, slot_rows=microbatches, shards=shards, t_bounds=t_bounds, unbias=unbias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +143,10 @@ class ForwardProcess:
     adaptive_floor: float = 0.1
     adaptive_decay: float = 0.99
     adaptive_warmup_steps: int = 100
+    # The layout the stratified plan aligns its buckets to (`BucketPlan`): the train step's
+    # microbatches (training.grad_accum_steps) and the batch's data shards (its devices).
+    microbatches: int = 1
+    shards: int = 1
 
     @property
     def adaptive(self) -> bool:
@@ -107,7 +154,8 @@ class ForwardProcess:
 
     @property
     def plan(self) -> BucketPlan:
-        return plan_buckets(self.schedule, self.t_min, self.bucket_edges, self.batch_size)
+        return plan_buckets(self.schedule, self.t_min, self.bucket_edges, self.batch_size, self.microbatches,
+                            self.shards)
 
     @property
     def static_buckets(self) -> bool:
@@ -116,6 +164,11 @@ class ForwardProcess:
         plan = self.plan
         return self.time_sampling == "stratified" and all(
             n > 0 for n, (lo, hi) in zip(plan.counts, plan.t_bounds) if hi > lo)
+
+    def aligned_buckets(self, num_micro: int) -> bool:
+        """Whether each of `num_micro` microbatches holds the same static bucket layout: one
+        row of every slot of the plan (the whole batch, for one microbatch)."""
+        return self.static_buckets and self.plan.slot_rows == num_micro
 
     def sample_times(self, rng: jax.Array, q_K: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Returns per-sequence times t_B and their unbiasing factors, both float32[B]; under
@@ -130,16 +183,13 @@ class ForwardProcess:
         if not self.static_buckets:  # too few rows for the buckets: B strata over the whole interval
             strata_B = (jnp.arange(self.batch_size, dtype=jnp.float32) + u_B) / self.batch_size
             return self.t_min + (1.0 - self.t_min) * strata_B, jnp.ones_like(u_B)
-        lo, width, index, count, unbias = [], [], [], [], []
-        for (start, stop), (t_lo, t_hi), factor in zip(self.plan.rows, self.plan.t_bounds, self.plan.unbias):
-            n = stop - start
-            lo += [t_lo] * n
-            width += [t_hi - t_lo] * n
-            index += list(range(n))
-            count += [n] * n
-            unbias += [factor] * n
+        plan = self.plan
+        bucket_B, stratum_B = plan.row_strata()
+        lo_B, hi_B = (np.asarray(plan.t_bounds)[bucket_B, i] for i in (0, 1))
+        count_B = np.asarray(plan.counts)[bucket_B]
         as_array = lambda xs: jnp.asarray(xs, jnp.float32)
-        t_B = as_array(lo) + as_array(width) * (as_array(index) + u_B) / as_array(count)
+        t_B = as_array(lo_B) + as_array(hi_B - lo_B) * (as_array(stratum_B) + u_B) / as_array(count_B)
+        unbias = np.asarray(plan.unbias)[bucket_B]
         return t_B, as_array(unbias)
 
     def proposal_probabilities(self, state: proposal.Proposal, step: jax.Array) -> jax.Array:
@@ -164,7 +214,8 @@ class ForwardProcess:
         property of the parameters).
         """
         sampling = "stratified" if self.adaptive else self.time_sampling
-        return dataclasses.replace(self, loss_weighting="elbo", batch_size=batch_size, time_sampling=sampling)
+        return dataclasses.replace(self, loss_weighting="elbo", batch_size=batch_size, time_sampling=sampling,
+                                   microbatches=1, shards=1)
 
 
 @struct.dataclass
@@ -185,9 +236,12 @@ class Corrupted:
     weight_B: jax.Array
     unbias_B: jax.Array
 
-    def rows(self, start: int, stop: int, step: int = 1) -> "Corrupted":
-        """The sub-batch of rows start, start + step, … before stop."""
-        return jax.tree.map(lambda x: x[start:stop:step], self)
+    def block_rows(self, blocks: int, start: int, stop: int, step: int = 1) -> "Corrupted":
+        """The sub-batch of the rows at positions start, start + step, … before stop within
+        each of `blocks` equal blocks of rows (the batch's shards: each keeps its own rows)."""
+        def take(x):
+            return x.reshape(blocks, -1, *x.shape[1:])[:, start:stop:step].reshape(-1, *x.shape[1:])
+        return jax.tree.map(take, self)
 
 
 def corrupt(process: ForwardProcess, rng: jax.Array, tokens_BxL: jax.Array, valid_BxL: jax.Array,

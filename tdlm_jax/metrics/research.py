@@ -9,15 +9,19 @@ Per-bucket gradients. L_b is the NELBO restricted to the sequences of bucket b a
 by the same denominator as the full loss (the number of valid tokens of the whole batch),
 so Σ_b L_b = L and Σ_b ∇L_b = ∇L. Each ∇L_b is a gradient of its own loss, never a share
 of the total:
-- With 'stratified' time sampling (the default) bucket membership is fixed by row index
-  (`tdlm_jax.diffusion.corruption`), so each ∇L_b is a separate `jax.grad` over that
-  bucket's rows alone, split further into its even and its odd rows for the gradient
-  noise scale (`noise_scale_metrics`). The six sub-batch passes together cost about one
-  full pass, and the update uses their sum, which is ∇L: the detailed step applies the
-  same update as an ordinary one (equal up to float summation order).
-- With 'iid' or 'adaptive' time sampling membership is data, so one forward pass is shared
-  and its VJP is pulled back once per bucket-masked cotangent, and once more for the even
-  rows (1 forward + 4 backward passes). The update again uses the sum of the three.
+- With 'stratified' time sampling (the default) bucket membership is fixed by row index,
+  and laid out so that every microbatch of the step holds the same buckets in the same
+  rows (`tdlm_jax.diffusion.corruption.BucketPlan`). Each ∇L_b is then a separate
+  `jax.grad` over that bucket's rows alone: per microbatch under gradient accumulation,
+  summed over the microbatches; without accumulation split further into the bucket's even
+  and odd rows for the gradient noise scale (`noise_scale_metrics`). The sub-batch passes
+  together cost about one full pass, and the update uses their sum, which is ∇L: the
+  detailed step applies the same update as an ordinary one (equal up to float summation
+  order).
+- With 'iid' or 'adaptive' time sampling membership is data (and so for a stratified
+  batch too small to align), so one forward pass is shared and its VJP is pulled back
+  once per bucket-masked cotangent, and once more for the even rows without accumulation
+  (1 forward + 3 or 4 backward passes). The update again uses the sum of the three.
 Neither path changes the estimator: the loss is the same unbiased NELBO estimate as in
 the ordinary step.
 """
@@ -51,45 +55,63 @@ def bucket_index(mask_rate_B: jax.Array, edges) -> jax.Array:
 def row_buckets(process: ForwardProcess, batch: Corrupted) -> jax.Array:
     """Bucket of every row: by construction for stratified sampling, by masking rate otherwise."""
     if process.static_buckets:
-        return jnp.concatenate([jnp.full((stop - start,), b, jnp.int32)
-                                for b, (start, stop) in enumerate(process.plan.rows)])
+        return jnp.asarray(process.plan.row_strata()[0])
     return bucket_index(batch.mask_rate_B, process.bucket_edges)
 
 
-def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, process: ForwardProcess
-                     ) -> tuple[list[Any], jax.Array, jax.Array, Any]:
-    """∇θ L_b for every bucket, by separate gradient computations of bucket-restricted losses,
-    and Σ_h |∇θ L_h|² over the batch's two halves h (its even and its odd rows): the small
-    batches of the gradient noise scale (`noise_scale_metrics`).
+# Per-bucket gradients: (gradients by bucket, Σ |∇L_s|² over the noise scale's small batches s,
+# per-row losses float32[rows], per-row `row_statistics`)
+BucketGradients = tuple[list[Any], jax.Array, jax.Array, dict[str, jax.Array]]
 
-    Returns (gradients by bucket, Σ_h |∇L_h|², per-row losses float32[B], TokenScores [B, L]).
-    With static buckets each (bucket, half) is its own `jax.grad` over its rows alone (six
-    passes over a sixth of the batch each); otherwise `masked_bucket_gradients`.
+
+def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, process: ForwardProcess,
+                     buckets_B: jax.Array, num_micro: int = 1) -> BucketGradients:
+    """∇θ L_b for every bucket of `batch` (the whole batch, or one of `num_micro`
+    microbatches, whose rows are in `buckets_B`), each by gradient computations of its own
+    bucket-restricted loss, and Σ_s |∇θ L_s|² over the gradient noise scale's small batches s
+    (`noise_scale_metrics`): the batch's two halves (its even and odd rows) when it is
+    the whole batch, else the microbatch itself.
+
+    Where every microbatch holds the same static layout (`ForwardProcess.aligned_buckets`),
+    each (bucket, half) is its own `jax.grad` over its rows alone: passes over a third or a
+    sixth of the rows that together cost about one pass over all of them. Otherwise
+    `masked_bucket_gradients`.
     """
-    if not process.static_buckets:
-        return masked_bucket_gradients(row_loss_fn, params, batch, row_buckets(process, batch), halves=True)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    by_bucket, by_half, pieces = [zeros] * len(BUCKETS), [zeros, zeros], []
-    for b, (start, stop) in enumerate(process.plan.rows):
-        for half in (0, 1):
-            first = start + (half - start) % 2  # the bucket's first row of this parity
+    halves = num_micro == 1
+    if not process.aligned_buckets(num_micro):
+        return masked_bucket_gradients(row_loss_fn, params, batch, buckets_B, halves=halves)
+    plan, zeros = process.plan, jax.tree.map(jnp.zeros_like, params)
+    stride = 2 if halves else 1
+    by_bucket, by_part, pieces = [zeros] * len(BUCKETS), [zeros] * stride, []
+    # Within each of the plan's blocks (shards) a row of the (micro)batch is one slot.
+    for b, (start, stop) in enumerate(plan.slots):
+        for part in range(stride):
+            first = start + (part - start) % stride  # the bucket's first slot of this parity
             if first >= stop:
                 continue
-            sub_batch = batch.rows(first, stop, 2)
-            piece_loss = lambda p: summed(row_loss_fn(p, sub_batch))
-            grad, (rows, scores) = jax.grad(piece_loss, has_aux=True)(params)
+            sub_batch = batch.block_rows(plan.shards, first, stop, stride)
+            grad, (rows, scores) = jax.grad(lambda p: summed(row_loss_fn(p, sub_batch)), has_aux=True)(params)
             by_bucket[b] = jax.tree.map(jnp.add, by_bucket[b], grad)
-            by_half[half] = jax.tree.map(jnp.add, by_half[half], grad)
-            pieces.append((np.arange(first, stop, 2), rows, scores))
-    # Back to the batch's row order: the pieces interleave within each bucket.
-    order = np.argsort(np.concatenate([index for index, _, _ in pieces]))
-    rows_B = jnp.concatenate([rows for _, rows, _ in pieces])[order]
-    scores = jax.tree.map(lambda *xs: jnp.concatenate(xs)[order], *[scores for _, _, scores in pieces])
-    return by_bucket, sum(squared_norm(g) for g in by_half), rows_B, scores
+            by_part[part] = jax.tree.map(jnp.add, by_part[part], grad)
+            pieces.append((np.arange(first, stop, stride), {"rows": rows, **row_statistics(scores, sub_batch)}))
+    per_row = _in_block_order(pieces, plan.shards)
+    return by_bucket, sum(squared_norm(g) for g in by_part), per_row.pop("rows"), per_row
+
+
+def _in_block_order(pieces: list[tuple[np.ndarray, dict]], blocks: int) -> dict[str, jax.Array]:
+    """Per-row values of sub-batches (`Corrupted.block_rows`), given with each one's positions
+    within a block, back in the batch's row order; every block keeps its own rows."""
+    order = np.argsort(np.concatenate([positions for positions, _ in pieces]))
+
+    def merge(*xs):
+        by_block = jnp.concatenate([x.reshape(blocks, -1) for x in xs], axis=1)
+        return by_block[:, order].reshape(-1)
+
+    return jax.tree.map(merge, *[values for _, values in pieces])
 
 
 def masked_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, buckets_B: jax.Array,
-                            halves: bool = False) -> tuple[list[Any], jax.Array, jax.Array, Any]:
+                            halves: bool = False) -> BucketGradients:
     """`bucket_gradients` for rows whose buckets are data (`buckets_B`), not a static layout:
     one forward pass, and its VJP pulled back once per bucket-masked cotangent, plus once for
     the even rows with `halves` (the odd rows' gradient is then the rest). Without `halves`
@@ -97,11 +119,12 @@ def masked_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupte
     rows_B, pullback, scores = jax.vjp(lambda p: row_loss_fn(p, batch), params, has_aux=True)
     grads = [pullback((buckets_B == b).astype(rows_B.dtype))[0] for b in range(len(BUCKETS))]
     total = jax.tree.map(lambda *gs: sum(gs), *grads)
+    stats = row_statistics(scores, batch)
     if not halves:
-        return grads, squared_norm(total), rows_B, scores
+        return grads, squared_norm(total), rows_B, stats
     even = pullback((jnp.arange(rows_B.shape[0]) % 2 == 0).astype(rows_B.dtype))[0]
     odd = jax.tree.map(jnp.subtract, total, even)
-    return grads, squared_norm(even) + squared_norm(odd), rows_B, scores
+    return grads, squared_norm(even) + squared_norm(odd), rows_B, stats
 
 
 def squared_norm(tree: Any) -> jax.Array:

@@ -195,7 +195,7 @@ def build_setup(config: ml_collections.ConfigDict, seed: int = 0) -> Setup:
     state = initial_state(config, params, optimizer, mesh)
     state_shardings = sharding.state_shardings(mesh, state)
     tc = config.training
-    static = train_step_statics(config, graphdef, optimizer, lr_schedule, tok.mask_id)
+    static = train_step_statics(config, graphdef, optimizer, lr_schedule, tok.mask_id, mesh)
     train_fn, eval_fn, analysis_fn = jitted_steps(config, mesh, state, static)
     bare_fn = jax.jit(lambda s, t, v: step_lib.train_step(s, t, v, detailed=False, **static)[0],
                       donate_argnums=(0,), out_shardings=state_shardings)

@@ -220,8 +220,11 @@ def _valid_edges(edges: Any) -> bool:
             and all(a < b for a, b in zip(values, values[1:])))
 
 
-def forward_process(config: ml_collections.ConfigDict, mask_id: int) -> ForwardProcess:
-    """The training forward process, planned for the global training batch."""
+def forward_process(config: ml_collections.ConfigDict, mask_id: int, *, microbatches: int = 1,
+                    shards: int = 1) -> ForwardProcess:
+    """The training forward process, planned for the global training batch; the train step
+    passes its `microbatches` (training.grad_accum_steps) and the batch's `shards` (devices),
+    to which the stratified bucket layout is aligned (`corruption.BucketPlan`)."""
     d = config.diffusion
     return ForwardProcess(
         schedule=Schedule(d.schedule, float(d.polynomial_power)),
@@ -236,6 +239,8 @@ def forward_process(config: ml_collections.ConfigDict, mask_id: int) -> ForwardP
         adaptive_floor=float(d.adaptive_floor),
         adaptive_decay=float(d.adaptive_decay),
         adaptive_warmup_steps=d.adaptive_warmup_steps,
+        microbatches=microbatches,
+        shards=shards,
     )
 
 

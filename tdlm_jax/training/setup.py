@@ -103,12 +103,14 @@ def initial_state(config: ml_collections.ConfigDict, params: Any, optimizer: Any
 
 
 def train_step_statics(config: ml_collections.ConfigDict, graphdef: Any, optimizer: Any, lr_schedule: Callable,
-                       mask_id: int) -> dict[str, Any]:
-    """The static arguments of `step.train_step` a config defines: one place for training and
-    the benchmark, so the benchmark times exactly the step that trains."""
-    return dict(graphdef=graphdef, process=config_lib.forward_process(config, mask_id), optimizer=optimizer,
-                lr_schedule=lr_schedule, objective=config.model.kind,
-                grad_accum_steps=config.training.get("grad_accum_steps", 1), ema_decay=config_lib.ema_decay(config))
+                       mask_id: int, mesh: Any) -> dict[str, Any]:
+    """The static arguments of `step.train_step` a config defines on `mesh` (whose every
+    device holds a share of the batch): one place for training and the benchmark, so the
+    benchmark times exactly the step that trains."""
+    grad_accum_steps = config.training.get("grad_accum_steps", 1)
+    process = config_lib.forward_process(config, mask_id, microbatches=grad_accum_steps, shards=mesh.size)
+    return dict(graphdef=graphdef, process=process, optimizer=optimizer, lr_schedule=lr_schedule,
+                objective=config.model.kind, grad_accum_steps=grad_accum_steps, ema_decay=config_lib.ema_decay(config))
 
 
 def jitted_steps(config: ml_collections.ConfigDict, mesh: Any, state: Any, static: dict[str, Any]
@@ -136,7 +138,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     logging.info("denoiser: %s parameters on %d device(s) of %d process(es), mesh %s", f"{num_params:,}",
                  jax.device_count(), jax.process_count(), dict(mesh.shape))
     state = initial_state(config, params, optimizer, mesh)
-    static = train_step_statics(config, graphdef, optimizer, lr_schedule, tok.mask_id)
+    static = train_step_statics(config, graphdef, optimizer, lr_schedule, tok.mask_id, mesh)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS),
                                            max_to_keep=config.training.max_checkpoints_to_keep)
     start_step, state, log_state = restore_latest_usable(checkpointer, state, data.train_iterator)

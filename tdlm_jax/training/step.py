@@ -122,27 +122,25 @@ def accumulate_gradients(grad_fn: GradFn, params: Any, rows: Any, num_micro: int
 
 
 def diffusion_grad_fn(graphdef: nnx.GraphDef, process: ForwardProcess, num_valid: jax.Array, detailed: bool,
-                      whole_batch: bool) -> GradFn:
-    """The gradient of a microbatch's share of the NELBO, and its per-row statistics.
+                      num_micro: int) -> GradFn:
+    """The gradient of a microbatch's share of the NELBO (one of `num_micro`), and its per-row statistics.
 
     A microbatch is {"batch": Corrupted rows, "bucket_B": their corruption buckets}. In the
     `detailed` variant the gradient is (the list of per-bucket gradients, Σ |∇L_s|² over the
-    small batches s of the gradient noise scale) (tdlm_jax.metrics.research): over the
-    `whole_batch` by `bucket_gradients`, whose small batches are its two halves; over a
-    microbatch (whose bucket rows are data, not a static layout) by bucket-masked VJPs, the
-    microbatch being the small batch.
+    small batches s of the gradient noise scale), by `research.bucket_gradients`: the
+    small batches are the whole batch's two halves without accumulation, else the
+    microbatches themselves.
     """
     row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid)
 
     def grad_fn(params: Any, micro: dict) -> tuple[Any, dict[str, jax.Array]]:
         batch = micro["batch"]
-        if detailed and whole_batch:
-            *grads, rows_B, scores = research.bucket_gradients(row_loss_fn, params, batch, process)
-        elif detailed:
-            *grads, rows_B, scores = research.masked_bucket_gradients(row_loss_fn, params, batch, micro["bucket_B"])
+        if detailed:
+            *grads, rows_B, stats = research.bucket_gradients(row_loss_fn, params, batch, process,
+                                                              micro["bucket_B"], num_micro)
         else:
             grads, (rows_B, scores) = jax.grad(lambda p: research.summed(row_loss_fn(p, batch)), has_aux=True)(params)
-        stats = research.row_statistics(scores, batch) if detailed else {"correct_B": correct_rows(scores, batch)}
+            stats = {"correct_B": correct_rows(scores, batch)}
         return grads, {"loss_B": rows_B, **stats}
 
     return grad_fn
@@ -181,8 +179,7 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
         q_K = process.proposal_probabilities(state.time_proposal, state.step) if process.adaptive else None
         batch = corrupt(process, step_rng(state.rng, state.step), tokens_BxL, valid_BxL, q_K)
         rows = {"batch": batch, "bucket_B": research.row_buckets(process, batch)}
-        grad_fn = diffusion_grad_fn(graphdef, process, num_valid_tokens(batch), detailed,
-                                    whole_batch=grad_accum_steps == 1)
+        grad_fn = diffusion_grad_fn(graphdef, process, num_valid_tokens(batch), detailed, grad_accum_steps)
     grads, stats = accumulate_gradients(grad_fn, state.params, rows, grad_accum_steps)
     if detailed:
         (grads_by_bucket, small_sq_sum), grads = grads, jax.tree.map(lambda *gs: sum(gs), *grads[0])
