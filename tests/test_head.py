@@ -52,30 +52,6 @@ def test_chunked_scores_and_gradients_equal_whole_logits(positions_per_chunk):
         assert float(jnp.abs(e).max()) > 1e-2  # not a comparison of zeros
 
 
-@pytest.mark.parametrize("share, scored_count", [(0.5, 9), (0.5, 15), (1.0, 9)])  # gathered; overflow; all
-def test_scores_at_the_scored_positions_equal_the_whole_heads_there_and_are_zero_elsewhere(share, scored_count):
-    """With 9 of 21 positions scored and room for 11 (share 0.5) the head runs over the
-    gathered 11; with 15 scored it overflows and runs over all 21 (`lax.cond`): the scores
-    and their gradients are the whole head's at the scored positions either way."""
-    hidden, kernel, targets, cotangent = problem()
-    order = jax.random.permutation(jax.random.key(5), B * L)
-    scored_BxL = jnp.zeros(B * L, bool).at[order[:scored_count]].set(True).reshape(B, L)
-    got = head.scored_positions_scores(hidden, kernel, targets, scored_BxL, PREDICTABLE, share=share)
-    whole = head.chunked_scores(hidden, kernel, targets, PREDICTABLE)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(whole)):
-        np.testing.assert_allclose(g, np.where(scored_BxL, w, 0), rtol=1e-6, atol=1e-6)
-
-    def loss(score_fn):
-        return lambda h, k: (score_fn(h, k).nll_BxL * cotangent * scored_BxL).sum()
-
-    grads = jax.grad(loss(lambda h, k: head.scored_positions_scores(h, k, targets, scored_BxL, PREDICTABLE,
-                                                                    share=share)), (0, 1))(hidden, kernel)
-    expected = jax.grad(loss(lambda h, k: head.chunked_scores(h, k, targets, PREDICTABLE)), (0, 1))(hidden, kernel)
-    for g, e in zip(grads, expected):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-        assert float(jnp.abs(e).max()) > 1e-2
-
-
 def test_bf16_compute_runs_the_backward_in_bf16_against_the_float32_reference():
     hidden, kernel, targets, cotangent = problem(jnp.bfloat16)
     loss = lambda h, k: (head.chunked_scores(h, k, targets, PREDICTABLE, 4 * V * 5).nll_BxL * cotangent).sum()
@@ -96,10 +72,8 @@ def test_the_denoiser_s_scores_are_those_of_its_logits():
     batch = corrupt(make_process(), jax.random.key(2), data["tokens"], data["valid"])
     got = batch_scores(model, batch)
     expected = scored(model(batch.noisy_BxL, batch.valid_BxL, batch.t_B), batch)
-    assert 0 < int(batch.masked_BxL.sum()) < batch.masked_BxL.size
-    for name in ("nll_BxL", "predicted_BxL", "max_log_prob_BxL"):  # at the masked positions, the only ones scored
-        np.testing.assert_allclose(getattr(got, name), np.where(batch.masked_BxL, getattr(expected, name), 0),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    for name in ("nll_BxL", "predicted_BxL", "max_log_prob_BxL"):
+        np.testing.assert_allclose(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-6, err_msg=name)
     loss = weighted_token_losses(got.nll_BxL, batch).sum() / num_valid_tokens(batch)
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert MODEL.vocab_size > MODEL.num_predictable  # the −inf ids are part of what is compared

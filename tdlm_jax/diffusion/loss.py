@@ -28,9 +28,8 @@ def scoring_targets(batch: Corrupted) -> jax.Array:
 
 def batch_scores(model: Callable, batch: Corrupted) -> TokenScores:
     """The denoiser's scores (`Denoiser.scores`: −log p, argmax, max log-prob) of `batch`
-    against `scoring_targets`, computed without holding the whole logits, at the masked
-    valid positions only (0 elsewhere): the only ones the NELBO and the metrics read."""
-    return model.scores(batch.noisy_BxL, batch.valid_BxL, batch.t_B, scoring_targets(batch), batch.masked_BxL)
+    against `scoring_targets`, computed without holding the whole logits."""
+    return model.scores(batch.noisy_BxL, batch.valid_BxL, batch.t_B, scoring_targets(batch))
 
 
 def weighted_token_losses(nll_BxL: jax.Array, batch: Corrupted) -> jax.Array:

@@ -26,11 +26,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-# `scored_positions_scores` runs the head over this share of the positions when no more of
-# them are scored: a masked diffusion batch scores about half of its positions (t ~ U[0, 1]);
-# base.py's stratified microbatches at most 67.5 % plus the masks' binomial noise.
-SCORED_SHARE = 0.625
-
 # At most this many bytes of float32 logits per chunk: big enough that each chunk's GEMM
 # keeps an accelerator busy (≈1300 positions at a 50K vocabulary), small enough that a few of
 # them fit beside the activations. A head small enough for one chunk runs unchunked.
@@ -128,38 +123,3 @@ def chunked_scores(hidden_BxLxD: jax.Array, kernel_DxV: jax.Array, targets_BxL: 
     shape = (batch, length)
     return TokenScores(nll_BxL=nll_T.reshape(shape), predicted_BxL=predicted_T.reshape(shape),
                        max_log_prob_BxL=jax.lax.stop_gradient(max_log_prob_T.reshape(shape)))
-
-
-def scored_positions_scores(hidden_BxLxD: jax.Array, kernel_DxV: jax.Array, targets_BxL: jax.Array,
-                            scored_BxL: jax.Array, num_predictable: int, share: float = SCORED_SHARE) -> TokenScores:
-    """`chunked_scores` at the `scored_BxL` positions only, the only ones the losses and
-    metrics read: elsewhere nll 0, prediction 0 and max log-prob 0.
-
-    The scored positions are gathered (the first of a stable argsort) into a static
-    `share` of all positions, and only those go through the head, log-softmax and argmax.
-    A batch with more scored positions than that takes the head over every position
-    instead (`lax.cond`: the one branch it needs runs), so the values are exact either way.
-    """
-    batch, length, d_model = hidden_BxLxD.shape
-    num_positions = batch * length
-    capacity = max(1, math.ceil(share * num_positions))
-    h_TxD, targets_T, scored_T = (x.reshape(num_positions, *x.shape[2:]) for x in
-                                  (hidden_BxLxD, targets_BxL, scored_BxL))
-
-    def unscored_zero(scores: TokenScores) -> TokenScores:
-        return jax.tree.map(lambda x: jnp.where(scored_T, x.reshape(num_positions), 0).astype(x.dtype), scores)
-
-    def at_gathered() -> TokenScores:
-        index_C = jnp.argsort(~scored_T, stable=True)[:capacity]  # the scored positions first
-        gathered = chunked_scores(h_TxD[index_C][None], kernel_DxV, targets_T[index_C][None], num_predictable)
-        return unscored_zero(jax.tree.map(
-            lambda x: jnp.zeros((num_positions,), x.dtype).at[index_C].set(x[0], unique_indices=True), gathered))
-
-    def at_every_position() -> TokenScores:
-        return unscored_zero(chunked_scores(hidden_BxLxD, kernel_DxV, targets_BxL, num_predictable))
-
-    if capacity >= num_positions:
-        scores = at_every_position()
-    else:
-        scores = jax.lax.cond(scored_T.sum() <= capacity, at_gathered, at_every_position)
-    return jax.tree.map(lambda x: x.reshape(batch, length), scores)

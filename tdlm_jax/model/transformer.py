@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.model.head import TokenScores, chunked_scores, scored_positions_scores
+from tdlm_jax.model.head import TokenScores, chunked_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,17 +310,13 @@ class Denoiser(nnx.Module):
             return logits
         return logits, {"hidden_BxLxD": x.astype(jnp.float32), "attention_by_layer": by_layer}
 
-    def scores(self, noisy_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array | None, targets_BxL: jax.Array,
-               scored_BxL: jax.Array | None = None) -> TokenScores:
+    def scores(self, noisy_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array | None, targets_BxL: jax.Array
+               ) -> TokenScores:
         """What training needs of the logits at every position, against `targets_BxL`
         (predictable ids everywhere), computed by `head.chunked_scores`: the same values as
-        `scores_from_logits(self(...), targets)`, without holding the whole logits. With
-        `scored_BxL`, only at those positions (`head.scored_positions_scores`; 0 elsewhere)."""
+        `scores_from_logits(self(...), targets)`, without holding the whole logits."""
         x, _ = self.residual_stream(noisy_BxL, valid_BxL, t_B)
-        hidden, kernel = self.final_norm(x), self.head.kernel[...]
-        if scored_BxL is None:
-            return chunked_scores(hidden, kernel, targets_BxL, self.cfg.num_predictable)
-        return scored_positions_scores(hidden, kernel, targets_BxL, scored_BxL, self.cfg.num_predictable)
+        return chunked_scores(self.final_norm(x), self.head.kernel[...], targets_BxL, self.cfg.num_predictable)
 
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
