@@ -69,8 +69,8 @@ def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, proc
     """∇θ L_b for every bucket of `batch` (the whole batch, or one of `num_micro`
     microbatches, whose rows are in `buckets_B`), each by gradient computations of its own
     bucket-restricted loss, and Σ_s |∇θ L_s|² over the gradient noise scale's small batches s
-    (`noise_scale_metrics`): the batch's two halves (its even and odd rows) when it is
-    the whole batch, else the microbatch itself.
+    (`noise_scale_metrics`): the batch's two halves (its even and its odd rows, counted
+    within each device's block) when it is the whole batch, else the microbatch itself.
 
     Where every microbatch holds the same static layout (`ForwardProcess.aligned_buckets`),
     each (bucket, half) is its own `jax.grad` over its rows alone: passes over a third or a
@@ -120,7 +120,8 @@ def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupt
     """`bucket_gradients` for rows whose buckets are data (`buckets_B`), not a static layout.
 
     Every row's gradient is taken on its own (a `jax.vmap` of per-row `jax.grad`s) and
-    summed into its bucket's, and with `halves` into its half's (even or odd rows), by one
+    summed into its bucket's, and with `halves` into its half's (even or odd position in its
+    block), by one
     contraction with the rows' one-hot groups: the same FLOPs as one pass over the batch,
     with only the weight gradients' GEMMs split by row. The rows go through in chunks of at
     most `ROW_GRADIENT_BYTES` of per-row gradients per device (one chunk on base.py), each
