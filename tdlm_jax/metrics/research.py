@@ -21,7 +21,7 @@ of the total:
 - With 'iid' or 'adaptive' time sampling membership is data (and so for a stratified
   batch too small to align), so every row's gradient is taken on its own, vmapped, and
   summed into its bucket's (`per_row_bucket_gradients`): the same FLOPs as one pass, at
-  1.3× a bare step on base.py. The update again uses the sum of the three.
+  1.1–1.4× a bare step on base.py. The update again uses the sum of the three.
 Neither path changes the estimator: the loss is the same unbiased NELBO estimate as in
 the ordinary step.
 """
@@ -121,15 +121,14 @@ def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupt
 
     Every row's gradient is taken on its own (a `jax.vmap` of per-row `jax.grad`s) and
     summed into its bucket's, and with `halves` into its half's (even or odd position in its
-    block), by one
-    contraction with the rows' one-hot groups: the same FLOPs as one pass over the batch,
-    with only the weight gradients' GEMMs split by row. The rows go through in chunks of at
+    block), by one contraction with the rows' one-hot groups: the same FLOPs as one pass
+    over the batch, with only the weight gradients' GEMMs split by row. The rows go through in chunks of at
     most `ROW_GRADIENT_BYTES` of per-row gradients per device (one chunk on base.py), each
     chunk taking the same positions of every one of the `blocks` (the batch's shards), so
     every device works on its own rows. Without `halves` the second value is |∇L|² of all
     these rows (a microbatch: the noise scale's small batch).
 
-    Measured on base.py under iid sampling (`docs/performance.md`): 1.3× a bare step,
+    Measured on base.py under iid sampling (`docs/performance.md`): 1.1–1.3× a bare step,
     where pulling one shared forward pass's VJP back per bucket mask took 2.0–2.5×.
     """
     num_groups = len(BUCKETS) + (2 if halves else 0)
