@@ -164,8 +164,9 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
                ) -> tuple[TrainState, dict]:
     """One optimizer update on a global batch; returns the new state and a dict of device scalars.
 
-    The batch is corrupted as a whole (the same noise whatever `grad_accum_steps`), then its
-    gradient is accumulated over `grad_accum_steps` microbatches: the update equals the
+    The batch is corrupted as a whole (by `process`, whose stratified layout is aligned to
+    its microbatches: the same noise whatever `grad_accum_steps` for a given process), then
+    its gradient is accumulated over `grad_accum_steps` microbatches: the update equals the
     one-big-batch update, and the metrics are pooled over the global batch from per-row
     statistics. `objective` 'ar' trains the autoregressive baseline
     (`tdlm_jax.model.autoregressive`); it has no corruption, so the diffusion metrics and the
