@@ -85,7 +85,7 @@ def test_aligned_accumulation_takes_per_microbatch_bucket_gradients_equal_to_one
     """The layout aligned to 2 microbatches (8 rows: 4 slots of 2, shared 1, 2, 1): the
     accumulated detailed step takes a `jax.grad` per bucket in each microbatch, and its update
     and every metric (per-bucket gradient norms included) equal the one-big-batch step's on
-    the same noise, whose layout is not aligned to one microbatch (the masked path)."""
+    the same noise, whose layout is not aligned to one microbatch (the per-row path)."""
     process = dataclasses.replace(make_process(), microbatches=2)
     assert process.aligned_buckets(2) and not process.aligned_buckets(1)
     one = run_steps(1, 1, True, plan_for=(2, 1))

@@ -40,7 +40,10 @@ def last_logged_proposal(workdir: str) -> np.ndarray | None:
 def loss_estimate_spread(trained, tokens_BxL: np.ndarray, valid_BxL: np.ndarray, *, draws: int, seed: int,
                          q_K: np.ndarray | None) -> dict[str, float]:
     """{estimator_spread/<design>_mean, _std, _draws} for each design (adaptive only with `q_K`)."""
-    base = config_lib.forward_process(trained.config, trained.tokenizer.mask_id)
+    # The stratified layout the run trained with: aligned to its microbatches (one device's
+    # layout; a batch that does not split into them is laid out row by row).
+    base = config_lib.forward_process(trained.config, trained.tokenizer.mask_id,
+                                      microbatches=trained.config.training.get("grad_accum_steps", 1))
     base = dataclasses.replace(base, batch_size=tokens_BxL.shape[0])
     model_params, graphdef = trained.params, trained.graphdef
     tokens, valid = jnp.asarray(tokens_BxL), jnp.asarray(valid_BxL)
