@@ -128,16 +128,12 @@ def time_round_robin(variants: Mapping[str, Callable[[], Any]], *, steps: int, r
     Every variant is called (compiled, warmed up) once first. Then, repeat by repeat, each
     variant is called `steps` times in a row and timed until the device has finished all of
     them, in a fixed rotation, so that drift in the machine's speed touches every variant alike.
-    Each timed run follows one untimed call of the same variant: the first call after a switch
-    pays for the previous variant's memory (owt_gpt2_small on CPU: a bare step right after the
-    analysis step took 47–49 s, against 37–40 s after its own call or the ordinary step's).
     """
     for fn in variants.values():
         _block(fn())
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            _block(fn())
             start = time.perf_counter()
             _block([fn() for _ in range(steps)])
             seconds[name].append((time.perf_counter() - start) / steps)
