@@ -133,6 +133,7 @@ def main(argv: list[str]) -> None:
     if join_multihost_job() > 0:
         logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress; the others only problems
     from tdlm_jax.training import loop  # after flag parsing: importing JAX is slow and --help should not wait
+    from tdlm_jax.training.preemption import stopped_at_once
 
     config = load_config()
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
@@ -141,7 +142,7 @@ def main(argv: list[str]) -> None:
     except TdlmError as e:
         _fail(str(e))
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without a traceback
-        _interrupted(f"stopped at once; run the same command to resume from the last checkpoint in {workdir}")
+        _interrupted(stopped_at_once(workdir))
     if "preempted_at_step" in summary:
         logging.warning("preempted at step %d; checkpoint saved in %s; run the same command to resume",
                         summary["preempted_at_step"], workdir)

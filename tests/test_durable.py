@@ -150,7 +150,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("Ctrl-C: ")
+    assert stderr.strip().splitlines()[-1].startswith("Ctrl-C: stopped at once; ")
 
 
 def test_kill_9_before_and_after_the_first_checkpoint_resumes_to_identical_files(reference, tmp_path):

@@ -42,7 +42,7 @@ from tdlm_jax.training import compilation, programs, rundir, setup
 from tdlm_jax.training import config as config_lib
 from tdlm_jax.training import step as step_lib
 from tdlm_jax.training.metric_log import MetricLog
-from tdlm_jax.training.preemption import CTRL_C, Preemption
+from tdlm_jax.training.preemption import CTRL_C, Preemption, stopped_at_once
 
 
 @dataclasses.dataclass
@@ -226,7 +226,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
         tic = time.perf_counter()
         compiled = compile_and_check(config, run, console)
         log.exclude(time.perf_counter() - tic)
-        with Preemption() as preemption:
+        with Preemption(stopped_at_once(workdir)) as preemption:
             run_loop(config, run, state, preemption, console, compiled)
     except KeyboardInterrupt:  # a second Ctrl-C: stop without saving, or waiting for a save
         stop_now = True
