@@ -141,7 +141,7 @@ def main(argv: list[str]) -> None:
         summary = loop.train(config, workdir)
     except TdlmError as e:
         _fail(str(e))
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without a traceback
+    except KeyboardInterrupt:  # a Ctrl-C Preemption does not count (before the loop, multi-host): stop now
         _interrupted(stopped_at_once(workdir))
     if "preempted_at_step" in summary:
         logging.warning("preempted at step %d; checkpoint saved in %s; run the same command to resume",

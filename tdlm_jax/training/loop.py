@@ -228,7 +228,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: setup.Run, writ
         log.exclude(time.perf_counter() - tic)
         with Preemption(stopped_at_once(workdir)) as preemption:
             run_loop(config, run, state, preemption, console, compiled)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop without saving, or waiting for a save
+    except KeyboardInterrupt:  # a Ctrl-C Preemption does not count (compiling, multi-host): stop without saving
         stop_now = True
         _close_quietly(writer)
         raise
