@@ -203,11 +203,8 @@ class Attention(nnx.Module):
         # over a [B, L, D] input through a transposing copy that costs more than the dot.
         qkv = self.qkv(x_BxLxD.reshape(batch * length, cfg.d_model))
         qkv = qkv.reshape(batch, length, 3, cfg.num_heads, cfg.head_dim)
-        # RoPE on q and k in one call, as 2·N heads: one split and concatenate (and their
-        # backward) instead of two; 3-5 % of base.py's step on CPU (docs/performance.md).
-        qk = qkv[:, :, :2].reshape(batch, length, 2 * cfg.num_heads, cfg.head_dim)
-        qk = rotary_embedding(qk, cfg.rope_base).reshape(batch, length, 2, cfg.num_heads, cfg.head_dim)
-        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k = rotary_embedding(q, cfg.rope_base), rotary_embedding(k, cfg.rope_base)
         impl = resolve_attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim, length)
         if return_probs or impl == "xla":
             out_BxLxNxH, probs_BxNxLxL = explicit_attention(q, k, v, attention_mask(valid_BxL, cfg.causal))
