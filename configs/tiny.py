@@ -20,6 +20,10 @@ def get_config():
     config.training.batch_size = 8
     config.training.grad_accum_steps = 1  # 8 rows are one cache-sized microbatch already
     config.training.warmup_steps = 2
+    # A constant rate after warmup: the compiled steps then do not depend on num_steps (a decay
+    # bakes it in), so tiny runs of any length, and their resumptions with more steps, share one
+    # set of programs in a shared compilation cache. The tests run many such runs.
+    config.training.decay_schedule = "constant"
     config.training.logging_steps = 2
     config.training.detailed_metrics_steps = 4
     config.training.attention_analysis_steps = 8

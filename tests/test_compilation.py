@@ -25,13 +25,17 @@ def tiny_config(**training):
 
 
 @pytest.fixture(autouse=True)
-def no_cache_afterwards():
+def session_cache_afterwards():
     yield
-    compilation.enable_persistent_cache(None)  # later tests in this process compile without a disk cache
+    # Later tests in this process use the test session's cache again (tests/conftest.py), or none.
+    compilation.enable_persistent_cache(os.environ.get(compilation.JAX_CACHE_ENV))
 
 
-def test_cache_dir_follows_the_config(tmp_path):
+def test_cache_dir_follows_the_config(tmp_path, monkeypatch):
+    monkeypatch.delenv(compilation.JAX_CACHE_ENV, raising=False)
     assert compilation.cache_dir(tiny_config(), "runs/x") == os.path.join("runs/x", "compilation_cache")
+    monkeypatch.setenv(compilation.JAX_CACHE_ENV, str(tmp_path / "jax"))  # JAX's own setting is kept
+    assert compilation.cache_dir(tiny_config(), "runs/x") == str(tmp_path / "jax")
     assert compilation.cache_dir(tiny_config(compilation_cache_dir="none"), "runs/x") is None
     assert compilation.cache_dir(tiny_config(compilation_cache_dir=str(tmp_path)), "runs/x") == str(tmp_path)
     config = tiny_config()
@@ -62,6 +66,7 @@ def test_a_resumed_run_loads_every_program_from_the_cache(tmp_path, monkeypatch)
     monkeypatch.setattr(loop, "run_loop", guarded_loop)
     monkeypatch.setattr(loop, "evaluate", interrupted_at_the_second_evaluation)
     monkeypatch.setattr(compilation, "MIN_FREE_BYTES", 0)  # whatever this machine's free space
+    monkeypatch.delenv(compilation.JAX_CACHE_ENV)  # the default: a cache in the workdir, empty at first
     config, workdir = tiny_config(num_steps=8), str(tmp_path / "run")
     counter = compilation.process_counter()
     jax.clear_caches()  # both runs start as a new process would, with nothing compiled in memory

@@ -32,9 +32,7 @@ VOLATILE = ("train/tokens_per_second", "summary/training_time_hours")
 SETTINGS = {"training.num_steps": 40, "training.checkpoint_every_n_steps": 15, "training.logging_steps": 5,
             "training.eval_every_n_steps": 15, "training.detailed_metrics_steps": 10,
             "training.attention_analysis_steps": 30, "sampling.num_samples_at_eval": 0,
-            "health.loss_weight_min": 2.1,  # avg_loss_weight 2.029, 2.067, 2.151, 2.456: a start, a clear
-            # One compilation cache for every run here: each compiles its steps only once.
-            "training.compilation_cache_dir": os.path.join(os.environ["TDLM_CACHE_DIR"], "durable_compilation_cache")}
+            "health.loss_weight_min": 2.1}  # avg_loss_weight 2.029, 2.067, 2.151, 2.456: a start, a clear
 OVERRIDES = tuple(f"--config.{key}={value}" for key, value in SETTINGS.items())
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -188,7 +186,6 @@ def test_a_second_process_on_a_workdir_is_refused_and_a_dead_ones_lock_is_taken_
 def tiny_config(**training):
     config = runpy.run_path(TINY)["get_config"]()
     config.sampling.num_samples_at_eval = 0
-    config.training.compilation_cache_dir = SETTINGS["training.compilation_cache_dir"]
     config.training.update(training)
     return config
 

@@ -23,10 +23,6 @@ from tdlm_jax.training import loop
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
 VOLATILE = ("train/tokens_per_second", "summary/training_time_hours")
-# One compilation cache for this module's processes (a run's programs do not depend on its
-# workdir): each new process loads the tiny config's programs instead of compiling them.
-SHARED_COMPILATION_CACHE = ("--config.training.compilation_cache_dir="
-                            + os.path.join(os.environ["TDLM_CACHE_DIR"], "reliability_compilation_cache"))
 
 
 def tiny_config():
@@ -135,7 +131,7 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 def test_sigterm_saves_a_checkpoint_exits_zero_and_the_restart_resumes(tmp_path):
     workdir = tmp_path / "preempted"
     command = [sys.executable, "-m", "tdlm_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-               SHARED_COMPILATION_CACHE, "--config.training.num_steps=5000", "--config.training.checkpoint_every_n_steps=5000",
+               "--config.training.num_steps=5000", "--config.training.checkpoint_every_n_steps=5000",
                "--config.training.eval_every_n_steps=5000", "--config.training.detailed_metrics_steps=5000",
                "--config.training.attention_analysis_steps=5000"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -183,7 +179,7 @@ def test_hostile_command_lines_get_one_line_errors(args, expected, tmp_path):
 
 def run_main(workdir, *overrides, timeout=300):
     return subprocess.run([sys.executable, "-m", "tdlm_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-                           SHARED_COMPILATION_CACHE, *overrides], cwd=REPO, capture_output=True, text=True,
+                           *overrides], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -197,7 +193,7 @@ def test_sigkill_at_a_random_moment_resumes_and_repeats_the_uninterrupted_losses
 
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "tdlm_jax.main", f"--config={TINY}", f"--workdir={killed}",
-                                SHARED_COMPILATION_CACHE, *overrides], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                *overrides], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "25").is_dir() and time.time() < deadline:

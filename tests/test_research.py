@@ -89,23 +89,35 @@ def batch_with_every_bucket(process):
     raise AssertionError("no seed gave all three buckets")
 
 
-def brute_force_bucket_grads(params, batch, process):
+# Both are jitted, as in the train step: run op by op, the same gradients take 3-4× as long.
+# (model_parts() is called outside the traces: its cached params must be concrete.)
+def brute_force_bucket_grads(params, batch):
     """∇ of each bucket's loss, each by its own jax.grad over a bucket-masked full-batch loss."""
     graphdef = model_parts()[0]
-    num_valid = num_valid_tokens(batch)
-    buckets = research.bucket_index(batch.mask_rate_B, EDGES)
 
-    def bucket_loss(p, b):
-        rows, _ = row_losses(graphdef, p, batch, num_valid)
-        return jnp.where(buckets == b, rows, 0.0).sum()
+    @jax.jit
+    def grads(params, batch):
+        num_valid = num_valid_tokens(batch)
+        buckets = research.bucket_index(batch.mask_rate_B, EDGES)
 
-    return [jax.grad(bucket_loss)(params, b) for b in range(3)]
+        def bucket_loss(p, b):
+            rows, _ = row_losses(graphdef, p, batch, num_valid)
+            return jnp.where(buckets == b, rows, 0.0).sum()
+
+        return [jax.grad(bucket_loss)(params, b) for b in range(3)]
+
+    return grads(params, batch)
 
 
 def project_grads(process, batch):
     graphdef, params = model_parts()
-    row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid_tokens(batch))
-    return research.bucket_gradients(row_loss_fn, params, batch, process, research.row_buckets(process, batch))
+
+    @jax.jit
+    def project(params, batch):
+        row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid_tokens(batch))
+        return research.bucket_gradients(row_loss_fn, params, batch, process, research.row_buckets(process, batch))
+
+    return project(params, batch)
 
 
 def assert_trees_close(a, b, atol=1e-6):
@@ -119,7 +131,7 @@ def test_bucket_gradients_equal_brute_force_and_sum_to_the_full_gradient(samplin
     batch = batch_with_every_bucket(process)
     grads, halves_sq, rows, _ = project_grads(process, batch)
     params = model_parts()[1]
-    for got, expected in zip(grads, brute_force_bucket_grads(params, batch, process)):
+    for got, expected in zip(grads, brute_force_bucket_grads(params, batch)):
         assert_trees_close(got, expected)
         assert optax.tree.norm(expected) > 0
     graphdef = model_parts()[0]

@@ -25,7 +25,8 @@ def tiny_config():
     config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
     config.training.update(num_steps=3 * INTERVAL, logging_steps=INTERVAL, eval_every_n_steps=2 * INTERVAL,
                            detailed_metrics_steps=100, attention_analysis_steps=100, checkpoint_every_n_steps=100,
-                           grad_clip_norm=1e-3)  # every update is clipped
+                           grad_clip_norm=1e-3,  # every update is clipped
+                           decay_schedule="cosine")  # base.py's, which tiny.py leaves out
     config.sampling.num_samples_at_eval = 0
     return config
 

@@ -3,7 +3,8 @@
 The cache stores every compiled XLA executable on disk, keyed by the program, the devices
 and the compiler options, so a resumed run (or a second run of the same config) loads its
 train, eval and analysis steps instead of compiling them again. By default it lives in the
-run's workdir (`<workdir>/compilation_cache`); `training.compilation_cache_dir` moves it,
+run's workdir (`<workdir>/compilation_cache`), or where JAX's own `JAX_COMPILATION_CACHE_DIR`
+environment variable points when that is set; `training.compilation_cache_dir` moves it,
 for example to one directory shared by the runs of a sweep, or turns it off ('none'); it
 also stays off on a disk with less than 256 MB free. In a multi-host job JAX writes entries
 from process 0 only, so the other hosts load them only if the directory is shared.
@@ -31,6 +32,9 @@ from tdlm_jax.errors import CheckpointError, ConfigError
 
 CACHE_SUBDIR = "compilation_cache"
 DISABLED = "none"
+# JAX's own setting, read from the environment: where it is set, the default ('') keeps to it
+# rather than overriding it with the workdir (a user's, or a test session's, shared cache).
+JAX_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 # Every program is cached, not only those that took JAX's default of 1 s or more to compile:
 # a CPU run's steps often compile in less, and a resumed run should recompile nothing.
 MIN_COMPILE_SECONDS = 0.0
@@ -48,14 +52,17 @@ CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     """The cache directory `training.compilation_cache_dir` names: '' (the default) is
-    <workdir>/compilation_cache, 'none' is no cache (None), anything else is a path."""
+    $JAX_COMPILATION_CACHE_DIR where that is set and <workdir>/compilation_cache otherwise,
+    'none' is no cache (None), anything else is a path."""
     value = config.training.get("compilation_cache_dir", "")
     if not isinstance(value, str):
         raise ConfigError(f"config error: training.compilation_cache_dir={value!r}: must be a path, '' (in the "
                           f"workdir) or '{DISABLED}'")
     if value.strip().lower() == DISABLED:
         return None
-    return os.path.expanduser(value) if value.strip() else os.path.join(workdir, CACHE_SUBDIR)
+    if value.strip():
+        return os.path.expanduser(value)
+    return os.path.expanduser(os.environ.get(JAX_CACHE_ENV) or os.path.join(workdir, CACHE_SUBDIR))
 
 
 def enable_persistent_cache(path: str | None) -> None:
