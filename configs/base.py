@@ -110,8 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Resuming with a different model, data or batch is refused unless this is set.
     config.training.allow_config_change = False
     # JAX's persistent compilation cache, so a resumed run loads its compiled steps instead of
-    # recompiling: '' keeps it in <workdir>/compilation_cache, a path puts it there (e.g. one
-    # directory shared by a sweep's runs), 'none' turns it off.
+    # recompiling: '' keeps it in <workdir>/compilation_cache (in $JAX_COMPILATION_CACHE_DIR where
+    # that is set), a path puts it there (e.g. one directory shared by a sweep's runs), 'none'
+    # turns it off.
     config.training.compilation_cache_dir = ""
 
     # Samples drawn at every evaluation (0 turns it off): to <workdir>/samples.jsonl, report.html,
