@@ -21,8 +21,9 @@ atexit.register(shutil.rmtree, os.environ["TDLM_CACHE_DIR"], ignore_errors=True)
 # cache and lock files in the session's directory too. Read when `datasets` is imported.
 os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = os.path.join(os.environ["TDLM_CACHE_DIR"], "huggingface")
-# One persistent compilation cache for the whole session, both workers and every run they start
-# (in process or not): a program several tests compile, such as the tiny config's steps, is
-# compiled once. JAX reads the variable when it is imported; a run's default cache directory
-# keeps to it (tdlm_jax.training.compilation.cache_dir). Tests of the workdir default unset it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["TDLM_CACHE_DIR"], "compilation_cache"))
+# One persistent compilation cache for the session (not the user's), shared by both workers and
+# every run they start, in process or not: a program several tests compile, such as the tiny
+# config's steps, is compiled once. JAX reads the variable when it is imported; a run's default
+# cache directory keeps to it (tdlm_jax.training.compilation.cache_dir). Tests of the workdir
+# default unset it.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["TDLM_CACHE_DIR"], "compilation_cache")
