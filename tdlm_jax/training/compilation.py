@@ -62,7 +62,8 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
         return None
     if value.strip():
         return os.path.expanduser(value)
-    return os.path.expanduser(os.environ.get(JAX_CACHE_ENV) or os.path.join(workdir, CACHE_SUBDIR))
+    from_jax = os.environ.get(JAX_CACHE_ENV)
+    return os.path.expanduser(from_jax) if from_jax else os.path.join(workdir, CACHE_SUBDIR)
 
 
 def enable_persistent_cache(path: str | None) -> None:
