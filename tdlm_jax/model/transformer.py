@@ -52,16 +52,17 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
 
-def rotary_embedding(x_BxLxNxH: jax.Array, base: float) -> jax.Array:
-    """Rotates query/key channel pairs by position-dependent angles (RoPE, rotate-half form)."""
-    length, head_dim = x_BxLxNxH.shape[1], x_BxLxNxH.shape[-1]
+def rotary_embedding(x_TxNxH: jax.Array, length: int, base: float) -> jax.Array:
+    """Rotates query/key channel pairs by position-dependent angles (RoPE, rotate-half form);
+    `x_TxNxH` holds the B·L tokens of rows of `length`, so token i is at position i mod length."""
+    head_dim = x_TxNxH.shape[-1]
     inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles_LxH2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    sin = jnp.sin(angles_LxH2)[None, :, None, :]
-    cos = jnp.cos(angles_LxH2)[None, :, None, :]
-    x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+    positions_T = jnp.arange(x_TxNxH.shape[0]) % length
+    angles_TxH2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    sin, cos = jnp.sin(angles_TxH2)[:, None, :], jnp.cos(angles_TxH2)[:, None, :]
+    x1, x2 = jnp.split(x_TxNxH.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_BxLxNxH.dtype)
+    return rotated.astype(x_TxNxH.dtype)
 
 
 def timestep_embedding(t_B: jax.Array, dim: int) -> jax.Array:
@@ -126,18 +127,24 @@ def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: ja
     q·kᵀ/√head_dim, padding keys set to a large negative *finite* value (not −inf, so that a
     row with no valid key is uniform rather than NaN, as in the fused path), softmax in
     float32, and probs cast to the value dtype for probs·v. The heads are moved in front of
-    the sequence first: on CPU, XLA runs the two batched matmuls faster in [B, N, L, H] than
-    in the [B, L, N, H] layout the fused path keeps. Returns (output [B, L, N, H], probs
-    float32[B, N, queries, keys]).
+    the sequence and merged with the batch first, [B·N, L, H]: on CPU, XLA runs the two
+    batched matmuls faster so than in the [B, L, N, H] layout the fused path keeps, and with
+    B = 1 (tier 2's per-row gradients) no array has a dimension of size 1, on which XLA:CPU's
+    fusions run about 10× slower (`Denoiser.residual_stream`). Returns (output [B, L, N, H],
+    probs float32[B, N, queries, keys]).
     """
-    q_BxNxLxH, k_BxNxLxH, v_BxNxLxH = (x.transpose(0, 2, 1, 3) for x in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
-    scores_BxNxLxL = jnp.einsum("bnqh,bnkh->bnqk", q_BxNxLxH, k_BxNxLxH, preferred_element_type=jnp.float32)
-    scores_BxNxLxL = scores_BxNxLxL * jnp.float32(1.0 / math.sqrt(q_BxLxNxH.shape[-1]))
+    batch, length, heads, head_dim = q_BxLxNxH.shape
+    q_XxLxH, k_XxLxH, v_XxLxH = (x.transpose(0, 2, 1, 3).reshape(batch * heads, length, head_dim)
+                                 for x in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
+    mask_Xx1xL = jnp.broadcast_to(mask, (batch, heads, *mask.shape[2:])).reshape(batch * heads, *mask.shape[2:])
+    scores_XxLxL = jnp.einsum("xqh,xkh->xqk", q_XxLxH, k_XxLxH, preferred_element_type=jnp.float32)
+    scores_XxLxL = scores_XxLxL * jnp.float32(1.0 / math.sqrt(head_dim))
     large_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
-    scores_BxNxLxL = jnp.where(mask, scores_BxNxLxL, large_negative)
-    probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1)
-    out_BxNxLxH = jnp.einsum("bnqk,bnkh->bnqh", probs_BxNxLxL.astype(v_BxLxNxH.dtype), v_BxNxLxH)
-    return out_BxNxLxH.transpose(0, 2, 1, 3), probs_BxNxLxL
+    scores_XxLxL = jnp.where(mask_Xx1xL, scores_XxLxL, large_negative)
+    probs_XxLxL = jax.nn.softmax(scores_XxLxL, axis=-1)
+    out_XxLxH = jnp.einsum("xqk,xkh->xqh", probs_XxLxL.astype(v_BxLxNxH.dtype), v_XxLxH)
+    out_BxLxNxH = out_XxLxH.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
+    return out_BxLxNxH, probs_XxLxL.reshape(batch, heads, length, length)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -189,30 +196,27 @@ class Attention(nnx.Module):
         # Residual-branch outputs start small so that deep stacks begin near identity.
         self.out = _linear(cfg.d_model, cfg.d_model, cfg, rngs, scale=1.0 / (2 * cfg.num_layers))
 
-    def __call__(self, x_BxLxD: jax.Array, valid_BxL: jax.Array, *, return_probs: bool = False
+    def __call__(self, x_TxD: jax.Array, valid_BxL: jax.Array, *, return_probs: bool = False
                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """The attention output [B, L, D]; with `return_probs`, also float32 probs [B, N, L, L].
+        """The attention output [B·L, D]; with `return_probs`, also float32 probs [B, N, L, L].
 
         The kernel is `resolve_attention_impl(cfg.attention_impl, ...)`: the XLA path is
         `explicit_attention`, whose probabilities XLA drops unless they are returned; the
         cuDNN kernel never builds them, so `return_probs` always takes the explicit path.
         """
-        batch, length, _ = x_BxLxD.shape
+        batch, length = valid_BxL.shape
         cfg = self.cfg
-        # The projections run on [B·L, D]: on CPU, XLA computes the weight gradient of a dot
-        # over a [B, L, D] input through a transposing copy that costs more than the dot.
-        qkv = self.qkv(x_BxLxD.reshape(batch * length, cfg.d_model))
-        qkv = qkv.reshape(batch, length, 3, cfg.num_heads, cfg.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q, k = rotary_embedding(q, cfg.rope_base), rotary_embedding(k, cfg.rope_base)
+        qkv_Tx3xNxH = self.qkv(x_TxD).reshape(batch * length, 3, cfg.num_heads, cfg.head_dim)
+        q, k = (rotary_embedding(qkv_Tx3xNxH[:, i], length, cfg.rope_base) for i in (0, 1))
+        q, k, v = (x.reshape(batch, length, cfg.num_heads, cfg.head_dim) for x in (q, k, qkv_Tx3xNxH[:, 2]))
         impl = resolve_attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim, length)
         if return_probs or impl == "xla":
             out_BxLxNxH, probs_BxNxLxL = explicit_attention(q, k, v, attention_mask(valid_BxL, cfg.causal))
         else:  # cuDNN builds the padding (and causal) mask itself from sequence lengths
             out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, **cudnn_attention_args(valid_BxL, cfg.causal),
                                                        implementation="cudnn")
-        out_BxLxD = self.out(out_BxLxNxH.reshape(batch * length, cfg.d_model)).reshape(batch, length, cfg.d_model)
-        return (out_BxLxD, probs_BxNxLxL) if return_probs else out_BxLxD
+        out_TxD = self.out(out_BxLxNxH.reshape(batch * length, cfg.d_model))
+        return (out_TxD, probs_BxNxLxL) if return_probs else out_TxD
 
 
 class SwiGLU(nnx.Module):
@@ -235,16 +239,16 @@ class Block(nnx.Module):
         self.mlp_norm = nnx.RMSNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x: jax.Array, valid_BxL: jax.Array, *, return_probs: bool = False
+    def __call__(self, x_TxD: jax.Array, valid_BxL: jax.Array, *, return_probs: bool = False
                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """The block's output; with `return_probs`, also its attention probs [B, N, L, L]."""
+        """The block's output [B·L, D]; with `return_probs`, also its attention probs [B, N, L, L]."""
         if return_probs:
-            attn_out, probs_BxNxLxL = self.attn(self.attn_norm(x), valid_BxL, return_probs=True)
+            attn_out, probs_BxNxLxL = self.attn(self.attn_norm(x_TxD), valid_BxL, return_probs=True)
         else:
-            attn_out = self.attn(self.attn_norm(x), valid_BxL)
-        x = x + attn_out
-        x = x + self.mlp(self.mlp_norm(x))
-        return (x, probs_BxNxLxL) if return_probs else x
+            attn_out = self.attn(self.attn_norm(x_TxD), valid_BxL)
+        x_TxD = x_TxD + attn_out
+        x_TxD = x_TxD + self.mlp(self.mlp_norm(x_TxD))
+        return (x_TxD, probs_BxNxLxL) if return_probs else x_TxD
 
 
 class Denoiser(nnx.Module):
@@ -259,11 +263,11 @@ class Denoiser(nnx.Module):
         self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.head = _linear(cfg.d_model, cfg.vocab_size, cfg, rngs, float32_output=True)
 
-    def embed_tokens(self, ids_BxL: jax.Array) -> jax.Array:
-        """The embeddings of `ids_BxL` in the compute dtype, gathered from the float32 table
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        """The embeddings of `ids` (any shape) in the compute dtype, gathered from the float32 table
         and then cast (`nnx.Embed` casts the whole table first, so its gradient, a scatter-add
         of tens of thousands of [MASK] rows per step, would be summed in bf16)."""
-        return jnp.take(self.embed.embedding[...], ids_BxL, axis=0).astype(self.cfg.dtype)
+        return jnp.take(self.embed.embedding[...], ids, axis=0).astype(self.cfg.dtype)
 
     def residual_stream(self, noisy_BxL: jax.Array, valid_BxL: jax.Array, t_B: jax.Array | None = None, *,
                         attention_summary: Callable[[jax.Array], Any] | None = None) -> tuple[jax.Array, Any]:
@@ -271,10 +275,18 @@ class Denoiser(nnx.Module):
         with `attention_summary`, a function of one layer's float32 attention probabilities
         [B, heads, queries, keys] (padding keys get probability 0), (stream, its values for
         every layer stacked on a leading axis). Each layer's probabilities are reduced inside
-        the layer loop, so no more than one layer's [B, heads, L, L] is ever built."""
-        x = self.embed_tokens(noisy_BxL)
+        the layer loop, so no more than one layer's [B, heads, L, L] is ever built.
+
+        Inside, the stream is [B·L, D] (tokens × features), never [B, L, D]: on CPU, XLA
+        computes the weight gradient of a dot over a [B, L, D] input through a transposing
+        copy that costs more than the dot, and its YNNPACK fusions run about 10× slower on
+        arrays with a dimension of size 1, which is what B is where tier 2 takes every row's
+        gradient on its own (`metrics.research.per_row_bucket_gradients`)."""
+        batch, length = noisy_BxL.shape
+        x = self.embed_tokens(noisy_BxL.reshape(batch * length))
         if self.time_proj is not None:
-            x = x + self.time_proj(timestep_embedding(t_B, self.cfg.d_model).astype(x.dtype))[:, None, :]
+            time_BxD = self.time_proj(timestep_embedding(t_B, self.cfg.d_model).astype(x.dtype))
+            x = (x.reshape(batch, length, -1) + time_BxD[:, None, :]).reshape(batch * length, -1)
         summaries = []
         run_block = _rematerialized(self.cfg.remat_policy) if self.cfg.remat else _call_block
         for block in self.blocks:
@@ -283,6 +295,7 @@ class Denoiser(nnx.Module):
                 summaries.append(attention_summary(probs_BxNxLxL))
             else:
                 x = run_block(block, x, valid_BxL)
+        x = x.reshape(batch, length, -1)
         if attention_summary is None:
             return x, None
         return x, jax.tree.map(lambda *layers: jnp.stack(layers), *summaries)
@@ -316,7 +329,8 @@ class Denoiser(nnx.Module):
         (predictable ids everywhere), computed by `head.chunked_scores`: the same values as
         `scores_from_logits(self(...), targets)`, without holding the whole logits."""
         x, _ = self.residual_stream(noisy_BxL, valid_BxL, t_B)
-        return chunked_scores(self.final_norm(x), self.head.kernel[...], targets_BxL, self.cfg.num_predictable)
+        normed = self.final_norm(x.reshape(-1, x.shape[-1])).reshape(x.shape)  # on [B·L, D], as the blocks
+        return chunked_scores(normed, self.head.kernel[...], targets_BxL, self.cfg.num_predictable)
 
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
