@@ -21,7 +21,7 @@ of the total:
 - With 'iid' or 'adaptive' time sampling membership is data (and so for a stratified
   batch too small to align), so every row's gradient is taken on its own, vmapped, and
   summed into its bucket's (`per_row_bucket_gradients`): the same FLOPs as one pass, at
-  1.1–1.4× a bare step on base.py. The update again uses the sum of the three.
+  about 1.1× a bare step on base.py. The update again uses the sum of the three.
 Neither path changes the estimator: the loss is the same unbiased NELBO estimate as in
 the ordinary step.
 """
@@ -128,8 +128,11 @@ def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupt
     every device works on its own rows. Without `halves` the second value is |∇L|² of all
     these rows (a microbatch: the noise scale's small batch).
 
-    Measured on base.py under iid sampling (`docs/performance.md`): 1.1–1.3× a bare step,
-    where pulling one shared forward pass's VJP back per bucket mask took 2.0–2.5×.
+    Measured on base.py under iid sampling (`docs/performance.md`): 1.04–1.12× a bare step,
+    where pulling one shared forward pass's VJP back per bucket mask took 2.0–2.5×. Each
+    row runs through the model as a batch of one, which is why the model never keeps a
+    batch dimension of its own (`Denoiser.residual_stream`): XLA:CPU's fusions run about
+    10× slower on arrays with a dimension of size 1.
     """
     num_groups = len(BUCKETS) + (2 if halves else 0)
     rows = buckets_B.shape[0]
