@@ -148,9 +148,10 @@ def test_bucket_gradients_equal_brute_force_and_sum_to_the_full_gradient(samplin
     assert not np.allclose(norms / norms.sum(), counts / counts.sum(), rtol=0.05)
 
 
-def test_per_row_gradients_in_chunks_of_one_row_per_block_equal_one_chunk(monkeypatch):
-    """The data-membership path over 8 rows in one vmap, and in 4 chunks of one row of each
-    of 2 blocks (a per-row gradient budget of 1 byte): the same sums, halves and per-row values."""
+@pytest.mark.parametrize("blocks", [2, 1], ids=["a row of each of 2 blocks", "one row, no vmap"])
+def test_per_row_gradients_in_chunks_of_one_row_per_block_equal_one_chunk(monkeypatch, blocks):
+    """The data-membership path over 8 rows in one vmap, and in chunks of one row of each
+    block (a per-row gradient budget of 1 byte): the same sums, halves and per-row values."""
     process = make_process("iid")
     batch = batch_with_every_bucket(process)
     graphdef, params = model_parts()
@@ -158,7 +159,7 @@ def test_per_row_gradients_in_chunks_of_one_row_per_block_equal_one_chunk(monkey
     buckets = research.row_buckets(process, batch)
     whole = research.per_row_bucket_gradients(row_loss_fn, params, batch, buckets, halves=True)
     monkeypatch.setattr(research, "ROW_GRADIENT_BYTES", 1)
-    chunked = research.per_row_bucket_gradients(row_loss_fn, params, batch, buckets, halves=True, blocks=2)
+    chunked = research.per_row_bucket_gradients(row_loss_fn, params, batch, buckets, halves=True, blocks=blocks)
     assert_trees_close(whole[0], chunked[0])
     assert float(whole[1]) == pytest.approx(float(chunked[1]), rel=1e-5)
     assert_trees_close(whole[2:], chunked[2:])

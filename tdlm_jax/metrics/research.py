@@ -111,8 +111,10 @@ def _in_block_order(pieces: list[tuple[np.ndarray, dict]], blocks: int) -> dict[
 
 
 # The most bytes of per-row gradients the data-membership path holds at once per device:
-# base.py's microbatch (4 rows of 3.5 MB) in one vmap; a GPT-2-small row (650 MB) one at a time.
-ROW_GRADIENT_BYTES = 256 * 2**20
+# 8 of base.py's rows (3.7 MB each) in one vmap; a GPT-2-small row (650 MB) one at a time. Small
+# enough for a chunk's rows to stay in a CPU's cache: base.py without accumulation, iid, tier 2
+# at 0.75× a bare step with this budget, 1.05× with 256 MB (all 32 rows in one vmap).
+ROW_GRADIENT_BYTES = 32 * 2**20
 
 
 def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, buckets_B: jax.Array,
@@ -122,13 +124,14 @@ def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupt
     Every row's gradient is taken on its own (a `jax.vmap` of per-row `jax.grad`s) and
     summed into its bucket's, and with `halves` into its half's (even or odd position in its
     block), by one contraction with the rows' one-hot groups: the same FLOPs as one pass
-    over the batch, with only the weight gradients' GEMMs split by row. The rows go through in chunks of at
-    most `ROW_GRADIENT_BYTES` of per-row gradients per device (one chunk on base.py), each
-    chunk taking the same positions of every one of the `blocks` (the batch's shards), so
-    every device works on its own rows. Without `halves` the second value is |∇L|² of all
+    over the batch, with only the weight gradients' GEMMs split by row. The rows go through
+    in chunks of at most `ROW_GRADIENT_BYTES` of per-row gradients per device (base.py: one
+    chunk per microbatch of 4 rows, or 8 rows at a time without accumulation), each chunk
+    taking the same positions of every one of the `blocks` (the batch's shards), so every
+    device works on its own rows. Without `halves` the second value is |∇L|² of all
     these rows (a microbatch: the noise scale's small batch).
 
-    Measured on base.py under iid sampling (`docs/performance.md`): 1.04–1.12× a bare step,
+    Measured on base.py under iid sampling (`docs/performance.md`): 0.75–1.1× a bare step,
     where pulling one shared forward pass's VJP back per bucket mask took 2.0–2.5×. Each
     row runs through the model as a batch of one, which is why the model never keeps a
     batch dimension of its own (`Denoiser.residual_stream`): XLA:CPU's fusions run about
@@ -160,7 +163,10 @@ def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupt
 
     def add_chunk(sums, chunk_xs):
         rows_chunk, groups_chunk = chunk_xs
-        grads, per_row = jax.vmap(row_gradient)(rows_chunk)
+        if blocks * chunk == 1:  # one row: no vmap, whose axis of size 1 would slow XLA:CPU's fusions
+            grads, per_row = jax.tree.map(lambda x: x[None], row_gradient(jax.tree.map(lambda x: x[0], rows_chunk)))
+        else:
+            grads, per_row = jax.vmap(row_gradient)(rows_chunk)
         return jax.tree.map(lambda s, g: s + jnp.tensordot(groups_chunk, g, axes=1), sums, grads), per_row
 
     zeros = jax.tree.map(lambda x: jnp.zeros((num_groups, *x.shape), x.dtype), params)
