@@ -113,7 +113,7 @@ def _in_block_order(pieces: list[tuple[np.ndarray, dict]], blocks: int) -> dict[
 # The most bytes of per-row gradients the data-membership path holds at once per device:
 # 8 of base.py's rows (3.7 MB each) in one vmap; a GPT-2-small row (650 MB) one at a time. Small
 # enough for a chunk's rows to stay in a CPU's cache: base.py without accumulation, iid, tier 2
-# at 0.75× a bare step with this budget, 1.05× with 256 MB (all 32 rows in one vmap).
+# at 0.72–0.75× a bare step with this budget, 1.04–1.07× with 256 MB (all 32 rows in one vmap).
 ROW_GRADIENT_BYTES = 32 * 2**20
 
 
