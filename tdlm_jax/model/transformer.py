@@ -128,7 +128,7 @@ def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: ja
     row with no valid key is uniform rather than NaN, as in the fused path), softmax in
     float32, and probs cast to the value dtype for probs·v. The heads are moved in front of
     the sequence and merged with the batch first, [B·N, L, H]: on CPU, XLA runs the two
-    batched matmuls faster so than in the [B, L, N, H] layout the fused path keeps, and with
+    batched matmuls faster this way than in the [B, L, N, H] layout the fused path keeps, and with
     B = 1 (tier 2's per-row gradients) no array has a dimension of size 1, on which XLA:CPU's
     fusions run about 10× slower (`Denoiser.residual_stream`). Returns (output [B, L, N, H],
     probs float32[B, N, queries, keys]).
@@ -286,7 +286,7 @@ class Denoiser(nnx.Module):
         x = self.embed_tokens(noisy_BxL.reshape(batch * length))
         if self.time_proj is not None:
             time_BxD = self.time_proj(timestep_embedding(t_B, self.cfg.d_model).astype(x.dtype))
-            x = (x.reshape(batch, length, -1) + time_BxD[:, None, :]).reshape(batch * length, -1)
+            x = x + jnp.repeat(time_BxD, length, axis=0)  # row b's time at its L tokens
         summaries = []
         run_block = _rematerialized(self.cfg.remat_policy) if self.cfg.remat else _call_block
         for block in self.blocks:
