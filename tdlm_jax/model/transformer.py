@@ -136,11 +136,12 @@ def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: ja
     batch, length, heads, head_dim = q_BxLxNxH.shape
     q_XxLxH, k_XxLxH, v_XxLxH = (x.transpose(0, 2, 1, 3).reshape(batch * heads, length, head_dim)
                                  for x in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
-    mask_Xx1xL = jnp.broadcast_to(mask, (batch, heads, *mask.shape[2:])).reshape(batch * heads, *mask.shape[2:])
+    # The mask per (row, head): Q is 1 (padding keys only) or L (the causal mask too).
+    mask_XxQxL = jnp.broadcast_to(mask, (batch, heads, *mask.shape[2:])).reshape(batch * heads, *mask.shape[2:])
     scores_XxLxL = jnp.einsum("xqh,xkh->xqk", q_XxLxH, k_XxLxH, preferred_element_type=jnp.float32)
     scores_XxLxL = scores_XxLxL * jnp.float32(1.0 / math.sqrt(head_dim))
     large_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
-    scores_XxLxL = jnp.where(mask_Xx1xL, scores_XxLxL, large_negative)
+    scores_XxLxL = jnp.where(mask_XxQxL, scores_XxLxL, large_negative)
     probs_XxLxL = jax.nn.softmax(scores_XxLxL, axis=-1)
     out_XxLxH = jnp.einsum("xqk,xkh->xqh", probs_XxLxL.astype(v_BxLxNxH.dtype), v_XxLxH)
     out_BxLxNxH = out_XxLxH.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
