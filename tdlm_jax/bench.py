@@ -6,12 +6,16 @@ Runs the config's real train step on random tokens and prints (`tdlm_jax.trainin
 - `data`: the input pipeline's tokens per second next to the train step's consumption;
 - `memory`: the memory per device of every program a run compiles before its first step
   (ordinary and detailed train steps, evaluation, the tier-3 analysis), without training.
-Variants are timed round-robin, so compare the ratios of one run. Errors a user can cause
-print one line and exit with status 2.
+Variants are timed round-robin, so compare the ratios of one run. `--json=FILE` also
+appends the figures to FILE as one JSON line (the config, its overrides, the device, the
+jax version), for scripts that collect many runs. `--suite=gpu --out=DIR` runs the GPU
+figures of docs/performance.md, one bench process per variant (`training.bench_suite`).
+Errors a user can cause print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from typing import Any, Mapping
@@ -20,17 +24,19 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from tdlm_jax.errors import TdlmError
-from tdlm_jax.training import programs
+from tdlm_jax.errors import ConfigError, TdlmError
+from tdlm_jax.model.transformer import resolve_attention_impl
+from tdlm_jax.training import bench_suite, programs
 from tdlm_jax.training.benchmark import MODES, Setup, build_setup, run_data, run_memory, run_tiers, run_train
 
 
 def describe(setup: Setup) -> str:
-    config, device = setup.config, jax.devices()[0]
+    config, cfg, device = setup.config, setup.model_cfg, jax.devices()[0]
+    attention = resolve_attention_impl(cfg.attention_impl, cfg.dtype, cfg.head_dim, config.data.seq_len)
     return (f"batch {config.training.batch_size} x {config.data.seq_len}, model d={config.model.d_model} "
             f"layers={config.model.num_layers} heads={config.model.num_heads} mlp={config.model.mlp_dim} "
-            f"vocab={setup.model_cfg.vocab_size} {config.model.dtype}; {jax.device_count()} {device.platform} "
-            f"device(s) ({device.device_kind})")
+            f"vocab={cfg.vocab_size} {config.model.dtype}, {attention} attention; {jax.device_count()} "
+            f"{device.platform} device(s) ({device.device_kind})")
 
 
 def print_train(r: Mapping[str, Any]) -> None:
@@ -78,24 +84,75 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s to use i
 _BATCHES = flags.DEFINE_integer("num_batches", 50, "data mode: pipeline batches to time.")
 _WORKDIR = flags.DEFINE_string("tokenizer_workdir", "", "data mode: where a bpe:<n> tokenizer is (or gets) trained; "
                                "default a temporary directory.")
+_JSON = flags.DEFINE_string("json", "", "Also append the figures to this file as one JSON line.")
+_SUITE = flags.DEFINE_enum("suite", None, ["gpu"], "gpu: the GPU figures of docs/performance.md, one bench process "
+                           "per variant (training.bench_suite), into --out; --config defaults to owt_gpt2_small.")
+_OUT = flags.DEFINE_string("out", "", "suite: the folder for log.txt, figures.jsonl, figures.md and env.txt.")
+_BUDGET = flags.DEFINE_float("budget_s", 450.0, "suite: seconds for all its runs together.")
+_SUITE_RUNS = flags.DEFINE_list("suite_runs", [], "suite: only these runs (default all: "
+                                + ", ".join(name for name, _, _ in bench_suite.RUNS) + ").")
+_WHEELS = flags.DEFINE_string("fetch_wheels", "", "Download the wheels the GPU machine lacks "
+                              "(bench_suite.CARRIED, at this environment's versions) into this folder, and stop.")
+
+
+def json_record(setup: Setup, mode: str, figures: Mapping[str, Any]) -> dict[str, Any]:
+    """What `--json` appends: the figures and what they were measured on."""
+    if mode == "memory":  # compiled programs are not data: keep the table the command prints
+        figures = {"table": programs.memory_table(figures["programs"], figures["capacity"], figures["source"])}
+    device = jax.devices()[0]
+    return {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
+            "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")], "mode": mode,
+            "setup": describe(setup), "platform": device.platform, "device_kind": device.device_kind,
+            "device_count": jax.device_count(), "jax": jax.__version__, "figures": dict(figures)}
+
+
+def append_json(path: str, record: Mapping[str, Any]) -> None:
+    plain = lambda x: x.item() if hasattr(x, "item") else str(x)  # numpy and jax scalars; anything else as text
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=plain) + "\n")
+
+
+def run_suite() -> None:
+    """`--suite=gpu`: the suite in processes of its own; this one never touches the GPU."""
+    if not _OUT.value:
+        raise ConfigError("--suite=gpu needs --out=DIR, the folder its figures go to")
+    unknown = set(_SUITE_RUNS.value) - {name for name, _, _ in bench_suite.RUNS}
+    if unknown:
+        raise ConfigError(f"--suite_runs: no run named {', '.join(sorted(unknown))}: "
+                          f"choose from {', '.join(name for name, _, _ in bench_suite.RUNS)}")
+    config = flags.FLAGS["config"]
+    print("\n".join(bench_suite.run_suite(
+        _OUT.value, budget=_BUDGET.value, only=_SUITE_RUNS.value,
+        config=config_flags.get_config_filename(config) if config.present else bench_suite.DEFAULT_CONFIG,
+        overrides=[a for a in sys.argv[1:] if a.startswith("--config.")])))
 
 
 def main(argv: list[str]) -> None:
     del argv
+    if _WHEELS.value:
+        return bench_suite.fetch_wheels(_WHEELS.value)
     try:
+        if _SUITE.value:
+            return run_suite()
         config = _CONFIG.value
         setup = build_setup(config)
         print(f"config {config_flags.get_config_filename(flags.FLAGS['config'])}: {describe(setup)}")
         if _MODE.value == "train":
-            print_train(run_train(setup, steps=_STEPS.value, repeats=_REPEATS.value, peak_tflops=_PEAK.value))
+            figures = run_train(setup, steps=_STEPS.value, repeats=_REPEATS.value, peak_tflops=_PEAK.value)
+            print_train(figures)
         elif _MODE.value == "tiers":
-            print_tiers(run_tiers(setup, steps=_STEPS.value, repeats=_REPEATS.value))
+            figures = run_tiers(setup, steps=_STEPS.value, repeats=_REPEATS.value)
+            print_tiers(figures)
         elif _MODE.value == "memory":
-            print_memory(run_memory(setup))
+            figures = run_memory(setup)
+            print_memory(figures)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                print_data(run_data(setup, steps=_STEPS.value, repeats=_REPEATS.value,
-                                    num_batches=_BATCHES.value, workdir=_WORKDIR.value or tmp))
+                figures = run_data(setup, steps=_STEPS.value, repeats=_REPEATS.value,
+                                   num_batches=_BATCHES.value, workdir=_WORKDIR.value or tmp)
+            print_data(figures)
+        if _JSON.value:
+            append_json(_JSON.value, json_record(setup, _MODE.value, figures))
     except TdlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,6 @@
 """The benchmark: each mode on configs/tiny.py, checked for consistency (never for speed)."""
 
+import json
 import os
 import pathlib
 import runpy
@@ -127,10 +128,21 @@ def test_matmul_peak_counts_its_flops():
     assert out.shape == (64, 64) and bool(jnp.all(jnp.isfinite(out)))
 
 
-def test_command_line_prints_the_train_figures():
-    result = subprocess.run([sys.executable, "-m", "tdlm_jax.bench", f"--config={TINY}", "--steps=1", "--repeats=1"],
+def test_command_line_prints_the_train_figures_and_appends_them_as_json(tmp_path):
+    record_file = tmp_path / "figures.jsonl"
+    record_file.write_text('{"earlier": "line"}\n')  # appended to, never overwritten
+    result = subprocess.run([sys.executable, "-m", "tdlm_jax.bench", f"--config={TINY}", "--steps=1", "--repeats=1",
+                             "--config.training.batch_size=4", f"--json={record_file}"],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-2000:]
-    for line in ("step time", "tokens/s", "FLOPs/token", "1.972e+05", "peak", "MFU"):
+    for line in ("step time", "tokens/s", "FLOPs/token", "1.972e+05", "peak", "MFU", "xla attention"):
         assert line in result.stdout, result.stdout
+    earlier, record = map(json.loads, record_file.read_text().splitlines())
+    assert earlier == {"earlier": "line"}
+    assert record["config"] == str(TINY) and record["overrides"] == ["--config.training.batch_size=4"]
+    assert record["mode"] == "train" and record["platform"] == "cpu" and record["device_count"] == 4
+    assert record["setup"] in result.stdout and record["setup"].startswith("batch 4 x 32")
+    figures = record["figures"]
+    assert figures["flops_per_token"] == 197_184 and figures["tokens_per_step"] == 4 * 32
+    assert f"{100 * figures['mfu']:10.1f} %" in result.stdout
