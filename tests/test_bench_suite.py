@@ -21,7 +21,7 @@ def test_dry_run_writes_the_figures_of_the_runs_asked_for(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["env.txt", "figures.jsonl", "figures.md", "log.txt"]
     (record,) = map(json.loads, (tmp_path / "figures.jsonl").read_text().splitlines())
     assert record["name"] == "train_b32" and record["mode"] == "train"
-    assert record["overrides"] == ["--config.model.num_layers=1", "--config.training.batch_size=32"]
+    assert record["overrides"] == ["--config.training.batch_size=32", "--config.model.num_layers=1"]
     assert record["setup"].startswith("batch 32 x 32, model d=32 layers=1")
     assert (tmp_path / "figures.md").read_text() == "\n".join(table) + "\n"
     rows = {line.split(" | ")[0].strip("| "): line for line in table if line.startswith("| ")}

@@ -14,7 +14,8 @@ call with the machine's start), and writes into DIR:
 The runs: the train step with `attention_impl='auto'` (cuDNN's fused attention on an NVIDIA
 GPU in bf16) and with XLA's attention, with and without remat; the tier costs under the
 config's stratified time sampling and under iid sampling (bucket membership is data); and
-the memory of every program a run compiles. `--config.x=v` overrides go to every run.
+the memory of every program a run compiles. `--config.x=v` overrides go to every run, after
+the run's own (`--config.training.batch_size=16` for a smaller GPU, say).
 
 A GPU machine without the package registries lacks some of the dependencies.
 `--fetch_wheels=.whl` downloads this environment's versions of them (`CARRIED`) for the
@@ -42,6 +43,10 @@ from tdlm_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 HLO_DIR = pathlib.Path("/tmp/tdlm_jax_bench_suite_hlo")
+# JAX's persistent compilation cache, shared by the suite's runs (the train step at batch 32 is
+# compiled once for `train_b32` and `tiers_b32`) and emptied when a suite starts, so that the
+# first run always compiles, and dumps, its programs.
+CACHE_DIR = pathlib.Path("/tmp/tdlm_jax_bench_suite_cache")
 CUDNN_ATTENTION = "__cudnn$fmha"  # the custom call of cuDNN's fused attention in compiled HLO
 DEFAULT_CONFIG = "configs/owt_gpt2_small.py"
 
@@ -166,8 +171,9 @@ def run_suite(out: str, *, budget: float, config: str, overrides: Sequence[str] 
     folder.mkdir(parents=True, exist_ok=True)
     figures = folder / "figures.jsonl"
     figures.unlink(missing_ok=True)
-    shutil.rmtree(HLO_DIR, ignore_errors=True)  # no earlier run's programs in the cuDNN check
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+    for earlier in (HLO_DIR, CACHE_DIR):  # no earlier suite's programs in the cuDNN check
+        shutil.rmtree(earlier, ignore_errors=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": str(CACHE_DIR),
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
     outcomes: dict[str, str] = {}
     with (folder / "log.txt").open("w") as log:
@@ -184,8 +190,8 @@ def run_suite(out: str, *, budget: float, config: str, overrides: Sequence[str] 
             if left < least:
                 outcomes[name] = f"skipped ({max(left, 0):.0f} s of the budget left)"
                 continue
-            command = [sys.executable, "-m", "tdlm_jax.bench", f"--config={config}", *overrides, *args,
-                       f"--json={figures}"]
+            command = [sys.executable, "-m", "tdlm_jax.bench", f"--config={config}", *args, *overrides,
+                       f"--json={figures}"]  # the user's overrides last: theirs win (a smaller batch, say)
             run_env = env
             if name == RUNS[0][0]:  # its compiled programs show whether cuDNN attention ran
                 run_env = {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} --xla_dump_to={HLO_DIR}".strip()}
