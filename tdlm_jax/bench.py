@@ -129,9 +129,9 @@ def run_suite() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    if _WHEELS.value:
-        return bench_suite.fetch_wheels(_WHEELS.value)
     try:
+        if _WHEELS.value:
+            return bench_suite.fetch_wheels(_WHEELS.value)
         if _SUITE.value:
             return run_suite()
         config = _CONFIG.value

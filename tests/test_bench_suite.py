@@ -2,6 +2,7 @@
 the runs, their time budget, the tables it writes, and its refusal where there is no GPU."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -69,11 +70,15 @@ def test_where_jax_sees_no_gpu_the_suite_stops_with_one_line(tmp_path):
     assert not (tmp_path / "figures.jsonl").exists()
 
 
-def test_the_command_line_names_a_missing_folder_and_unknown_runs():
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "tdlm_jax.bench", "--suite=gpu", *args], capture_output=True,
-                              text=True, timeout=120, cwd=bench_suite.REPO)
-    missing, unknown = run(), run("--out=/tmp/unused", "--suite_runs=train_b32,nope")
-    assert missing.returncode == unknown.returncode == 2
-    assert missing.stderr.strip().splitlines()[-1] == "error: --suite=gpu needs --out=DIR, the folder its figures go to"
-    assert unknown.stderr.strip().splitlines()[-1].startswith("error: --suite_runs: no run named nope: choose from train_b32")
+def test_the_command_line_names_a_missing_folder_unknown_runs_and_an_unreachable_registry(tmp_path):
+    def run(*args, **env):
+        return subprocess.run([sys.executable, "-m", "tdlm_jax.bench", *args], capture_output=True, text=True,
+                              timeout=120, cwd=bench_suite.REPO, env={**os.environ, **env})
+    missing, unknown = run("--suite=gpu"), run("--suite=gpu", "--out=/tmp/unused", "--suite_runs=train_b32,nope")
+    no_registry = run(f"--fetch_wheels={tmp_path}", PIP_NO_INDEX="1")  # pip may look nowhere: nothing to download
+    assert missing.returncode == unknown.returncode == no_registry.returncode == 2
+    last_line = lambda result: result.stderr.strip().splitlines()[-1]
+    assert last_line(missing) == "error: --suite=gpu needs --out=DIR, the folder its figures go to"
+    assert last_line(unknown).startswith("error: --suite_runs: no run named nope: choose from train_b32")
+    assert last_line(no_registry).startswith("error: --fetch_wheels: pip could not download flax==")
+    assert "Traceback" not in missing.stderr + unknown.stderr + no_registry.stderr

@@ -71,10 +71,17 @@ WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_
 
 def fetch_wheels(folder: str) -> None:
     """Downloads `CARRIED`, at this environment's versions, as CPython 3.12 x86-64 wheels."""
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in CARRIED]
+    try:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in CARRIED]
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ConfigError(f"--fetch_wheels: {e.name} is not installed here: pip install -e '.[tokenizers]' first, "
+                          "so that the wheels match what this environment runs") from None
     platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", folder, *pins], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                       "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", folder,
+                       *pins]).returncode:
+        raise ConfigError(f"--fetch_wheels: pip could not download {' '.join(pins)} (its message is above): "
+                          "run it where pip reaches the package registry")
     print(f"{len(list(pathlib.Path(folder).glob('*.whl')))} wheels in {folder}: {' '.join(pins)}")
 
 
