@@ -92,7 +92,7 @@ _BUDGET = flags.DEFINE_float("budget_s", 450.0, "suite: seconds for all its runs
 _SUITE_RUNS = flags.DEFINE_list("suite_runs", [], "suite: only these runs (default all: "
                                 + ", ".join(name for name, _, _ in bench_suite.RUNS) + ").")
 _WHEELS = flags.DEFINE_string("fetch_wheels", "", "Download the wheels the GPU machine lacks "
-                              "(bench_suite.CARRIED, at this environment's versions) into this folder, and stop.")
+                              "(bench_suite.CARRIED, for its jax 0.11) into this folder, and stop.")
 
 
 def json_record(setup: Setup, mode: str, figures: Mapping[str, Any]) -> dict[str, Any]:

