@@ -53,10 +53,19 @@ def run_steps(num_devices, grad_accum_steps, detailed, objective="diffusion", st
     return jax.device_get(state.params), history
 
 
+# Parameters after Adam steps agree to a hundredth of the learning rate (common.py: 1e-3), not to
+# float rounding: Adam divides each update by √v, so where an element's moments nearly cancel, the
+# gradient's rounding (its summation order, which XLA versions change) moves that update by up to
+# a few thousandths of the rate (4.9e-6 in one of 2048 elements under jax 0.12.0.1). A wrong
+# gradient moves updates by the whole rate; the metrics, gradient norms included, stay at rtol.
+PARAM_ATOL = 1e-5
+
+
 def assert_same_run(a, b, rtol=2e-5, atol=2e-6):
     params_a, history_a = a
     params_b, history_b = b
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), params_a, params_b)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=max(atol, PARAM_ATOL)),
+                 params_a, params_b)
     for row_a, row_b in zip(history_a, history_b):
         assert row_a.keys() == row_b.keys()
         for key in row_a:
