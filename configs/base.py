@@ -128,6 +128,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.metrics = ml_collections.ConfigDict()
     # Masking-rate edges of the low / medium / high corruption buckets.
     config.metrics.bucket_edges = (0.0, 0.3, 0.7, 1.0)
+    # Under iid or adaptive time sampling, tier 2 takes every row's gradient on its own (bucket
+    # membership is data); this caps the per-row gradients held at once per device, in MiB. 0 = by
+    # platform: 32 on a CPU (a chunk's rows stay in cache), else 1/16 of the device's memory up to
+    # 4096 (GPT-2 small's 650 MB rows four at a time rather than one by one).
+    config.metrics.row_gradient_mb = 0
 
     # Health monitor (tdlm_jax.metrics.health): the metrics guide's warning signs as alerts in
     # alerts.jsonl. Defaults equal HealthThresholds and stay quiet on a healthy run of this config.

@@ -1,6 +1,7 @@
 """Tier-2 research metrics against brute-force and numpy recomputations."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -149,7 +150,7 @@ def test_bucket_gradients_equal_brute_force_and_sum_to_the_full_gradient(samplin
 
 
 @pytest.mark.parametrize("blocks", [2, 1], ids=["a row of each of 2 blocks", "one row, no vmap"])
-def test_per_row_gradients_in_chunks_of_one_row_per_block_equal_one_chunk(monkeypatch, blocks):
+def test_per_row_gradients_in_chunks_of_one_row_per_block_equal_one_chunk(blocks):
     """The data-membership path over 8 rows in one vmap, and in chunks of one row of each
     block (a per-row gradient budget of 1 byte): the same sums, halves and per-row values."""
     process = make_process("iid")
@@ -158,11 +159,21 @@ def test_per_row_gradients_in_chunks_of_one_row_per_block_equal_one_chunk(monkey
     row_loss_fn = functools.partial(row_losses, graphdef, num_valid=num_valid_tokens(batch))
     buckets = research.row_buckets(process, batch)
     whole = research.per_row_bucket_gradients(row_loss_fn, params, batch, buckets, halves=True)
-    monkeypatch.setattr(research, "ROW_GRADIENT_BYTES", 1)
-    chunked = research.per_row_bucket_gradients(row_loss_fn, params, batch, buckets, halves=True, blocks=blocks)
+    chunked = research.per_row_bucket_gradients(row_loss_fn, params, batch, buckets, halves=True, blocks=blocks,
+                                                row_gradient_bytes=1)
     assert_trees_close(whole[0], chunked[0])
     assert float(whole[1]) == pytest.approx(float(chunked[1]), rel=1e-5)
     assert_trees_close(whole[2:], chunked[2:])
+
+
+def test_the_per_row_gradient_budget_is_the_configs_or_its_platforms():
+    gpu = lambda stats: types.SimpleNamespace(platform="gpu", memory_stats=lambda: stats)
+    cpu = jax.devices()[0]
+    assert research.row_gradient_budget(100, cpu) == research.row_gradient_budget(100, gpu(None)) == 100 * 2**20
+    assert research.row_gradient_budget(0, cpu) == 32 * 2**20
+    assert research.row_gradient_budget(0, gpu({"bytes_limit": 140 * 2**30})) == 4 * 2**30  # an H200: the cap
+    assert research.row_gradient_budget(0, gpu({"bytes_limit": 16 * 2**30})) == 2**30  # 1/16 of a 16 GiB GPU
+    assert research.row_gradient_budget(0, gpu(None)) == 2**30  # no memory figure: 1 GiB
 
 
 @pytest.mark.parametrize("sampling", ["stratified", "iid"])

@@ -19,7 +19,7 @@ from tdlm_jax.inference.trained import load_trained
 from tdlm_jax.metrics import catalogue, jsonl
 from tdlm_jax.metrics.writers import read_scalars
 from tdlm_jax.parallel import sharding
-from tdlm_jax.training import loop
+from tdlm_jax.training import loop, setup
 from tdlm_jax.training import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -190,12 +190,20 @@ def tiny_config(**overrides):
     ({"metrics.bucket_edges": (0.0, 0.5, 1.0)}, "metrics.bucket_edges=(0.0, 0.5, 1.0): must be 4 increasing"),
     ({"model.d_model": 30}, "model.d_model=30: must be a multiple of 2·model.num_heads (4)"),
     ({"diffusion.t_min": 0.0}, "diffusion.t_min=0.0: must be in (0, 1)"),
+    ({"metrics.row_gradient_mb": -1}, "metrics.row_gradient_mb=-1: must be an integer >= 0"),
 ])
 def test_validate_names_the_key_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError) as error:
         config_lib.validate(tiny_config(**overrides), num_devices=jax.device_count())
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("megabytes, expected", [(0, 32 * 2**20), (5, 5 * 2**20)], ids=["by platform", "set"])
+def test_the_train_step_takes_its_per_row_gradient_budget_from_the_config(megabytes, expected):
+    statics = setup.train_step_statics(tiny_config(**{"metrics.row_gradient_mb": megabytes}), graphdef=None,
+                                       optimizer=None, lr_schedule=None, mask_id=0, mesh=sharding.make_mesh())
+    assert statics["row_gradient_bytes"] == expected  # 32 MiB: this CPU's default
 
 
 # Adaptive: 4 bins, so that q leaves uniform within the run (each bin has seen 10 sequences

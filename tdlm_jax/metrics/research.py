@@ -64,8 +64,34 @@ def row_buckets(process: ForwardProcess, batch: Corrupted) -> jax.Array:
 BucketGradients = tuple[list[Any], jax.Array, jax.Array, dict[str, jax.Array]]
 
 
+# The most bytes of per-row gradients the data-membership path holds at once per device
+# (metrics.row_gradient_mb; 0 takes these). On a CPU, 8 of base.py's rows (3.7 MB each) in one
+# vmap, few enough for a chunk's rows to stay in cache: base.py without accumulation, iid, tier 2
+# at 0.72–0.75× a bare step with this budget, 1.04–1.07× with 256 MB (all 32 rows in one vmap).
+# On an accelerator that budget would take a GPT-2-small row (650 MB) one at a time, launching
+# every kernel once per row: there 1/16 of the device's memory, at most 4 GiB (such rows four at a
+# time in a batch of 32, a chunk's rows dividing the batch). Not yet measured on a GPU
+# (docs/performance.md, "GPU": the suite times it against one row at a time).
+CPU_ROW_GRADIENT_BYTES = 32 * 2**20
+ACCELERATOR_ROW_GRADIENT_BYTES = 4 * 2**30
+ACCELERATOR_MEMORY_SHARE = 16  # the budget's 1 / share of a device's memory
+
+
+def row_gradient_budget(megabytes: int, device: Any) -> int:
+    """metrics.row_gradient_mb in bytes: `megabytes` MiB, or for 0 the default of `device`'s
+    platform (above; 1 GiB on an accelerator that reports no memory limit)."""
+    if megabytes:
+        return megabytes * 2**20
+    if device.platform == "cpu":
+        return CPU_ROW_GRADIENT_BYTES
+    limit = (device.memory_stats() or {}).get("bytes_limit", 0)
+    share = limit // ACCELERATOR_MEMORY_SHARE if limit else ACCELERATOR_ROW_GRADIENT_BYTES // 4
+    return min(ACCELERATOR_ROW_GRADIENT_BYTES, share)
+
+
 def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, process: ForwardProcess,
-                     buckets_B: jax.Array, num_micro: int = 1) -> BucketGradients:
+                     buckets_B: jax.Array, num_micro: int = 1,
+                     row_gradient_bytes: int = CPU_ROW_GRADIENT_BYTES) -> BucketGradients:
     """∇θ L_b for every bucket of `batch` (the whole batch, or one of `num_micro`
     microbatches, whose rows are in `buckets_B`), each by gradient computations of its own
     bucket-restricted loss, and Σ_s |∇θ L_s|² over the gradient noise scale's small batches s
@@ -75,11 +101,12 @@ def bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, proc
     Where every microbatch holds the same static layout (`ForwardProcess.aligned_buckets`),
     each (bucket, half) is its own `jax.grad` over its rows alone: passes over a third or a
     sixth of the rows that together cost about one pass over all of them. Otherwise
-    `per_row_bucket_gradients`.
+    `per_row_bucket_gradients`, holding at most `row_gradient_bytes` of per-row gradients.
     """
     halves = num_micro == 1
     if not process.aligned_buckets(num_micro):
-        return per_row_bucket_gradients(row_loss_fn, params, batch, buckets_B, halves=halves, blocks=process.shards)
+        return per_row_bucket_gradients(row_loss_fn, params, batch, buckets_B, halves=halves, blocks=process.shards,
+                                        row_gradient_bytes=row_gradient_bytes)
     plan, zeros = process.plan, jax.tree.map(jnp.zeros_like, params)
     stride = 2 if halves else 1
     by_bucket, by_part, pieces = [zeros] * len(BUCKETS), [zeros] * stride, []
@@ -110,23 +137,18 @@ def _in_block_order(pieces: list[tuple[np.ndarray, dict]], blocks: int) -> dict[
     return jax.tree.map(merge, *[values for _, values in pieces])
 
 
-# The most bytes of per-row gradients the data-membership path holds at once per device:
-# 8 of base.py's rows (3.7 MB each) in one vmap; a GPT-2-small row (650 MB) one at a time. Small
-# enough for a chunk's rows to stay in a CPU's cache: base.py without accumulation, iid, tier 2
-# at 0.72–0.75× a bare step with this budget, 1.04–1.07× with 256 MB (all 32 rows in one vmap).
-ROW_GRADIENT_BYTES = 32 * 2**20
-
-
 def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, buckets_B: jax.Array,
-                             halves: bool = False, blocks: int = 1) -> BucketGradients:
+                             halves: bool = False, blocks: int = 1,
+                             row_gradient_bytes: int = CPU_ROW_GRADIENT_BYTES) -> BucketGradients:
     """`bucket_gradients` for rows whose buckets are data (`buckets_B`), not a static layout.
 
     Every row's gradient is taken on its own (a `jax.vmap` of per-row `jax.grad`s) and
     summed into its bucket's, and with `halves` into its half's (even or odd position in its
     block), by one contraction with the rows' one-hot groups: the same FLOPs as one pass
     over the batch, with only the weight gradients' GEMMs split by row. The rows go through
-    in chunks of at most `ROW_GRADIENT_BYTES` of per-row gradients per device (base.py: one
-    chunk per microbatch of 4 rows, or 8 rows at a time without accumulation), each chunk
+    in chunks of at most `row_gradient_bytes` of per-row gradients per device (`row_gradient_budget`;
+    on a CPU, base.py: one chunk per microbatch of 4 rows, or 8 rows at a time without
+    accumulation; GPT-2 small, a row at a time), each chunk
     taking the same positions of every one of the `blocks` (the batch's shards), so every
     device works on its own rows. Without `halves` the second value is |∇L|² of all
     these rows (a microbatch: the noise scale's small batch).
@@ -143,7 +165,7 @@ def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupt
     per_block = rows // blocks
     row_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
     chunk = max([c for c in range(1, per_block + 1) if per_block % c == 0 and c * blocks * row_bytes
-                 <= ROW_GRADIENT_BYTES] or [1])
+                 <= row_gradient_bytes] or [1])
     index_B = jnp.arange(rows) % per_block  # the row's position within its block
     groups_B = [buckets_B == b for b in range(len(BUCKETS))] + ([index_B % 2 == h for h in (0, 1)] if halves else [])
     groups_GxB = jnp.stack(groups_B).astype(jnp.float32)

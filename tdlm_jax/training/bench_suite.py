@@ -13,8 +13,9 @@ call with the machine's start), and writes into DIR:
 
 The runs: the train step with `attention_impl='auto'` (cuDNN's fused attention on an NVIDIA
 GPU in bf16) and with XLA's attention, with and without remat; the tier costs under the
-config's stratified time sampling and under iid sampling (bucket membership is data); and
-the memory of every program a run compiles. `--config.x=v` overrides go to every run, after
+config's stratified time sampling and under iid sampling (bucket membership is data: tier
+2's per-row path at the accelerator's default budget, then one row at a time); and the
+memory of every program a run compiles. `--config.x=v` overrides go to every run, after
 the run's own (`--config.training.batch_size=16` for a smaller GPU, say).
 
 A GPU machine without the package registries lacks some of the dependencies.
@@ -58,6 +59,10 @@ RUNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("tiers_iid_b32", ("--mode=tiers", "--steps=2", "--repeats=3", "--config.training.batch_size=32",
                        "--config.diffusion.time_sampling=iid"), 90),
     ("memory_b32", ("--mode=memory", "--config.training.batch_size=32"), 60),
+    # tier 2's per-row path one row at a time (a CPU's budget), against tiers_iid_b32's
+    # accelerator default (metrics.row_gradient_mb)
+    ("tiers_iid_rows1_b32", ("--mode=tiers", "--steps=2", "--repeats=3", "--config.training.batch_size=32",
+                             "--config.diffusion.time_sampling=iid", "--config.metrics.row_gradient_mb=32"), 90),
 )
 
 # What the GPU machine's image (CPython 3.12, jax 0.11.2 and numpy 2.5.2 as read on 2026-11-17,

@@ -202,7 +202,8 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
             hf_source.parse_source(source)
         except ValueError as e:
             _require(False, "data.source", source, str(e))
-    for key in ("data.worker_count", "data.hf_max_documents"):  # 0 means in-process / all rows
+    # 0 means in-process / all rows / the platform's default
+    for key in ("data.worker_count", "data.hf_max_documents", "metrics.row_gradient_mb"):
         value = _get(config, key)
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, value,
                  "must be an integer >= 0")

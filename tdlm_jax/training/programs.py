@@ -37,7 +37,7 @@ LABELS = {TRAIN: "the train step", DETAILED: "the train step with tier-2 metrics
 TRAIN_STEP_FIX = "lower training.batch_size or data.seq_len, raise training.grad_accum_steps, or set model.remat=true"
 FIXES = {
     TRAIN: TRAIN_STEP_FIX,
-    DETAILED: TRAIN_STEP_FIX,
+    DETAILED: TRAIN_STEP_FIX + " (under iid or adaptive time sampling, also metrics.row_gradient_mb)",
     EVAL: "lower data.eval_batch_size",
     ANALYSIS: "lower training.analysis_rows",
 }

@@ -19,6 +19,7 @@ from flax import nnx
 
 from tdlm_jax.data import dataset, tokenizer as tokenizer_lib
 from tdlm_jax.errors import CheckpointError
+from tdlm_jax.metrics import research
 from tdlm_jax.model.transformer import Denoiser
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import checkpoint, optim
@@ -109,8 +110,10 @@ def train_step_statics(config: ml_collections.ConfigDict, graphdef: Any, optimiz
     benchmark times exactly the step that trains."""
     grad_accum_steps = config.training.get("grad_accum_steps", 1)
     process = config_lib.forward_process(config, mask_id, microbatches=grad_accum_steps, shards=mesh.size)
+    row_gradient_bytes = research.row_gradient_budget(config.metrics.get("row_gradient_mb", 0), mesh.local_devices[0])
     return dict(graphdef=graphdef, process=process, optimizer=optimizer, lr_schedule=lr_schedule,
-                objective=config.model.kind, grad_accum_steps=grad_accum_steps, ema_decay=config_lib.ema_decay(config))
+                objective=config.model.kind, grad_accum_steps=grad_accum_steps, ema_decay=config_lib.ema_decay(config),
+                row_gradient_bytes=row_gradient_bytes)
 
 
 def jitted_steps(config: ml_collections.ConfigDict, mesh: Any, state: Any, static: dict[str, Any]

@@ -122,12 +122,13 @@ def accumulate_gradients(grad_fn: GradFn, params: Any, rows: Any, num_micro: int
 
 
 def diffusion_grad_fn(graphdef: nnx.GraphDef, process: ForwardProcess, num_valid: jax.Array, detailed: bool,
-                      num_micro: int) -> GradFn:
+                      num_micro: int, row_gradient_bytes: int = research.CPU_ROW_GRADIENT_BYTES) -> GradFn:
     """The gradient of a microbatch's share of the NELBO (one of `num_micro`), and its per-row statistics.
 
     A microbatch is {"batch": Corrupted rows, "bucket_B": their corruption buckets}. In the
     `detailed` variant the gradient is (the list of per-bucket gradients, Σ |∇L_s|² over the
-    small batches s of the gradient noise scale), by `research.bucket_gradients`: the
+    small batches s of the gradient noise scale), by `research.bucket_gradients` (holding at
+    most `row_gradient_bytes` of per-row gradients where bucket membership is data): the
     small batches are the whole batch's two halves without accumulation, else the
     microbatches themselves.
     """
@@ -136,8 +137,8 @@ def diffusion_grad_fn(graphdef: nnx.GraphDef, process: ForwardProcess, num_valid
     def grad_fn(params: Any, micro: dict) -> tuple[Any, dict[str, jax.Array]]:
         batch = micro["batch"]
         if detailed:
-            *grads, rows_B, stats = research.bucket_gradients(row_loss_fn, params, batch, process,
-                                                              micro["bucket_B"], num_micro)
+            *grads, rows_B, stats = research.bucket_gradients(row_loss_fn, params, batch, process, micro["bucket_B"],
+                                                              num_micro, row_gradient_bytes)
         else:
             grads, (rows_B, scores) = jax.grad(lambda p: research.summed(row_loss_fn(p, batch)), has_aux=True)(params)
             stats = {"correct_B": correct_rows(scores, batch)}
@@ -160,8 +161,8 @@ def ar_grad_fn(graphdef: nnx.GraphDef, mask_id: int, num_valid: jax.Array) -> Gr
 def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *, graphdef: nnx.GraphDef,
                process: ForwardProcess, optimizer: optax.GradientTransformation,
                lr_schedule: Callable[[jax.Array], jax.Array], detailed: bool,
-               objective: str = "diffusion", grad_accum_steps: int = 1, ema_decay: float = 0.0
-               ) -> tuple[TrainState, dict]:
+               objective: str = "diffusion", grad_accum_steps: int = 1, ema_decay: float = 0.0,
+               row_gradient_bytes: int = research.CPU_ROW_GRADIENT_BYTES) -> tuple[TrainState, dict]:
     """One optimizer update on a global batch; returns the new state and a dict of device scalars.
 
     The batch is corrupted as a whole (by `process`, whose stratified layout is aligned to
@@ -170,7 +171,8 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
     one-big-batch update, and the metrics are pooled over the global batch from per-row
     statistics. `objective` 'ar' trains the autoregressive baseline
     (`tdlm_jax.model.autoregressive`); it has no corruption, so the diffusion metrics and the
-    `detailed` variant do not apply to it.
+    `detailed` variant do not apply to it. `row_gradient_bytes` bounds the `detailed`
+    variant's per-row gradients (metrics.row_gradient_mb, `research.row_gradient_budget`).
     """
     if objective == "ar":
         num_valid = jnp.maximum(valid_BxL.sum(), 1).astype(jnp.float32)
@@ -180,7 +182,8 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
         q_K = process.proposal_probabilities(state.time_proposal, state.step) if process.adaptive else None
         batch = corrupt(process, step_rng(state.rng, state.step), tokens_BxL, valid_BxL, q_K)
         rows = {"batch": batch, "bucket_B": research.row_buckets(process, batch)}
-        grad_fn = diffusion_grad_fn(graphdef, process, num_valid_tokens(batch), detailed, grad_accum_steps)
+        grad_fn = diffusion_grad_fn(graphdef, process, num_valid_tokens(batch), detailed, grad_accum_steps,
+                                    row_gradient_bytes)
     grads, stats = accumulate_gradients(grad_fn, state.params, rows, grad_accum_steps)
     if detailed:
         (grads_by_bucket, small_sq_sum), grads = grads, jax.tree.map(lambda *gs: sum(gs), *grads[0])
