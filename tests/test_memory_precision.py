@@ -64,8 +64,7 @@ PARAM_ATOL = 1e-5
 def assert_same_run(a, b, rtol=2e-5, atol=2e-6):
     params_a, history_a = a
     params_b, history_b = b
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=max(atol, PARAM_ATOL)),
-                 params_a, params_b)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=PARAM_ATOL), params_a, params_b)
     for row_a, row_b in zip(history_a, history_b):
         assert row_a.keys() == row_b.keys()
         for key in row_a:

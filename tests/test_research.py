@@ -166,6 +166,14 @@ def test_per_row_gradients_in_chunks_of_one_row_per_block_equal_one_chunk(blocks
     assert_trees_close(whole[2:], chunked[2:])
 
 
+def test_a_chunk_takes_the_most_rows_of_each_block_that_divide_it_and_fit_the_budget():
+    mb = 2**20
+    assert research.rows_per_chunk(8, row_bytes=mb, budget=32 * mb) == 8
+    assert research.rows_per_chunk(8, row_bytes=mb, budget=7 * mb) == 4  # 7 would not divide the block
+    assert research.rows_per_chunk(32, row_bytes=650 * mb, budget=4 * 2**30) == 4  # GPT-2 small on an H200: not 6
+    assert research.rows_per_chunk(8, row_bytes=mb, budget=1) == 1  # never none
+
+
 def test_the_per_row_gradient_budget_is_the_configs_or_its_platforms():
     gpu = lambda stats: types.SimpleNamespace(platform="gpu", memory_stats=lambda: stats)
     cpu = jax.devices()[0]

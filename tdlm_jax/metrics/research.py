@@ -137,6 +137,15 @@ def _in_block_order(pieces: list[tuple[np.ndarray, dict]], blocks: int) -> dict[
     return jax.tree.map(merge, *[values for _, values in pieces])
 
 
+def rows_per_chunk(rows_per_block: int, row_bytes: int, budget: int) -> int:
+    """How many rows of every block one chunk of `per_row_bucket_gradients` takes: the most
+    that divides the block's rows and whose gradients (`row_bytes` each) fit the per-device
+    `budget`, at least 1. Each device holds only its own block's rows of a chunk, so the
+    number of blocks does not enter."""
+    return max([c for c in range(1, rows_per_block + 1) if rows_per_block % c == 0 and c * row_bytes <= budget]
+               or [1])
+
+
 def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupted, buckets_B: jax.Array,
                              halves: bool = False, blocks: int = 1,
                              row_gradient_bytes: int = CPU_ROW_GRADIENT_BYTES) -> BucketGradients:
@@ -163,9 +172,7 @@ def per_row_bucket_gradients(row_loss_fn: RowLossFn, params: Any, batch: Corrupt
     rows = buckets_B.shape[0]
     blocks = blocks if rows % blocks == 0 else 1
     per_block = rows // blocks
-    row_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
-    chunk = max([c for c in range(1, per_block + 1) if per_block % c == 0 and c * blocks * row_bytes
-                 <= row_gradient_bytes] or [1])
+    chunk = rows_per_chunk(per_block, 4 * sum(x.size for x in jax.tree.leaves(params)), row_gradient_bytes)
     index_B = jnp.arange(rows) % per_block  # the row's position within its block
     groups_B = [buckets_B == b for b in range(len(BUCKETS))] + ([index_B % 2 == h for h in (0, 1)] if halves else [])
     groups_GxB = jnp.stack(groups_B).astype(jnp.float32)

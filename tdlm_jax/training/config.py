@@ -155,6 +155,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     edges = _get(config, "metrics.bucket_edges")
     _require(_valid_edges(edges), "metrics.bucket_edges", edges,
              "must be 4 increasing numbers from 0 to 1 (low, medium, high buckets), e.g. (0.0, 0.3, 0.7, 1.0)")
+    row_mb = _get(config, "metrics.row_gradient_mb")
+    _require(isinstance(row_mb, int) and not isinstance(row_mb, bool) and row_mb >= 0, "metrics.row_gradient_mb",
+             row_mb, "must be an integer >= 0 (0: the platform's default)")
     count = _get(config, "sampling.num_samples_at_eval")
     _require(isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= _get(config, "data.eval_batch_size"),
              "sampling.num_samples_at_eval", count, "must be an integer from 0 (off) to data.eval_batch_size")
@@ -202,8 +205,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
             hf_source.parse_source(source)
         except ValueError as e:
             _require(False, "data.source", source, str(e))
-    # 0 means in-process / all rows / the platform's default
-    for key in ("data.worker_count", "data.hf_max_documents", "metrics.row_gradient_mb"):
+    for key in ("data.worker_count", "data.hf_max_documents"):  # 0 means in-process / all rows
         value = _get(config, key)
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, value,
                  "must be an integer >= 0")
