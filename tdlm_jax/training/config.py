@@ -78,6 +78,11 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _is_count(x: Any) -> bool:
+    """An integer >= 0 (True and False are not counts)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _check_range(config, key: str, ok: Callable[[float], bool], allowed: str) -> None:
     value = _get(config, key)
     _require(_is_number(value) and ok(value), key, value, allowed)
@@ -110,8 +115,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     """Raises ConfigError for the first invalid value; returns None if the config is usable."""
     _check_known_keys(config)
     seed = _get(config, "seed")
-    _require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed,
-             "must be a non-negative integer")
+    _require(_is_count(seed), "seed", seed, "must be a non-negative integer")
     for key in POSITIVE_INTS:
         value = _get(config, key)
         _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value,
@@ -128,8 +132,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
                  "must be in (0, 1]: every bin of the proposal needs a positive probability, or the loss is biased")
     _check_range(config, "diffusion.adaptive_decay", lambda x: 0 <= x < 1, "must be in [0, 1)")
     warmup = _get(config, "diffusion.adaptive_warmup_steps")
-    _require(isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0,
-             "diffusion.adaptive_warmup_steps", warmup, "must be an integer >= 0")
+    _require(_is_count(warmup), "diffusion.adaptive_warmup_steps", warmup, "must be an integer >= 0")
     _check_range(config, "training.learning_rate", lambda x: x > 0, "must be positive")
     _check_range(config, "training.warmup_steps", lambda x: x >= 0 and x == int(x), "must be an integer >= 0")
     _check_range(config, "training.min_learning_rate_ratio", lambda x: 0 <= x <= 1, "must be in [0, 1]")
@@ -141,7 +144,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     remat = _get(config, "model.remat")
     _require(isinstance(remat, bool), "model.remat", remat, "must be true or false")
     vocab = _get(config, "model.vocab_size")
-    _require(isinstance(vocab, int) and not isinstance(vocab, bool) and vocab >= 0, "model.vocab_size", vocab,
+    _require(_is_count(vocab), "model.vocab_size", vocab,
              "must be 0 (the tokenizer's vocabulary) or a padded size >= it")
     accum, batch = _get(config, "training.grad_accum_steps"), _get(config, "training.batch_size")
     # (accum == 1 is the plain batch-divisibility check at the end)
@@ -156,8 +159,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(_valid_edges(edges), "metrics.bucket_edges", edges,
              "must be 4 increasing numbers from 0 to 1 (low, medium, high buckets), e.g. (0.0, 0.3, 0.7, 1.0)")
     row_mb = _get(config, "metrics.row_gradient_mb")
-    _require(isinstance(row_mb, int) and not isinstance(row_mb, bool) and row_mb >= 0, "metrics.row_gradient_mb",
-             row_mb, "must be an integer >= 0 (0: the platform's default)")
+    _require(_is_count(row_mb), "metrics.row_gradient_mb", row_mb,
+             "must be an integer >= 0 (0: the platform's default)")
     count = _get(config, "sampling.num_samples_at_eval")
     _require(isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= _get(config, "data.eval_batch_size"),
              "sampling.num_samples_at_eval", count, "must be an integer from 0 (off) to data.eval_batch_size")
@@ -207,8 +210,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
             _require(False, "data.source", source, str(e))
     for key in ("data.worker_count", "data.hf_max_documents"):  # 0 means in-process / all rows
         value = _get(config, key)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, value,
-                 "must be an integer >= 0")
+        _require(_is_count(value), key, value, "must be an integer >= 0")
     cache_dir = _get(config, "data.cache_dir")
     _require(isinstance(cache_dir, str), "data.cache_dir", cache_dir,
              "must be a directory path, or '' for $TDLM_CACHE_DIR or ~/.cache/tdlm_jax/tokens")
