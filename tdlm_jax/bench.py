@@ -49,6 +49,9 @@ def print_train(r: Mapping[str, Any]) -> None:
               "step, all devices: elementwise work and the optimizer included)")
     print(f"  model FLOP/s       {r['model_flops_per_second'] / 1e9:10.2f} GFLOP/s")
     print(f"  peak               {r['peak_flops_per_second'] / 1e9:10.2f} GFLOP/s  ({r['peak_source']})")
+    if r["matmul_flops_per_second_by_layout"]:
+        best = ", ".join(f"{layout} {max(rates) / 1e9:.1f}" for layout, rates in r["matmul_flops_per_second_by_layout"].items())
+        print(f"  matmul layouts     {best} GFLOP/s  (best repeat of each)")
     print(f"  MFU                {100 * r['mfu']:10.1f} %  (median step against the best matmul)")
     if r["mfu_paired_median"] is not None:
         print(f"  MFU, paired        {100 * r['mfu_paired_median']:10.1f} %  (median over repeats of each repeat's "

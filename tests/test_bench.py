@@ -39,6 +39,9 @@ def test_train_mode_reports_consistent_numbers(setup, capsys):
     assert r["step_seconds"] == pytest.approx(sorted(r["step_seconds_by_repeat"])[0] / 2
                                               + sorted(r["step_seconds_by_repeat"])[1] / 2)  # median of 2
     assert r["peak_flops_per_second"] == max(r["matmul_flops_per_second_by_repeat"])  # the best repeat
+    by_layout = r["matmul_flops_per_second_by_layout"]
+    assert set(by_layout) == set(benchmark.MATMUL_LAYOUTS)  # both layouts timed, each repeat's faster one counts
+    assert r["matmul_flops_per_second_by_repeat"] == [max(rates) for rates in zip(*by_layout.values())]
     paired = [r["flops_per_token"] * 256 / step / rate
               for step, rate in zip(r["step_seconds_by_repeat"], r["matmul_flops_per_second_by_repeat"])]
     assert r["mfu_paired_median"] == pytest.approx(sum(paired) / 2)
@@ -121,11 +124,15 @@ def test_peak_choice_table_measured_or_override():
         benchmark.peak_for_device(unknown, 1, None)
 
 
-def test_matmul_peak_counts_its_flops():
-    run, matmul_flops = benchmark.matmul_fn(64, jnp.float32, 3)
-    assert matmul_flops == 3 * 2 * 64 ** 3
-    out = run()
-    assert out.shape == (64, 64) and bool(jnp.all(jnp.isfinite(out)))
+def test_matmul_peak_counts_its_flops_and_computes_its_layouts_product():
+    for layout in benchmark.MATMUL_LAYOUTS:
+        run, matmul_flops = benchmark.matmul_fn(64, jnp.float32, 3, layout)
+        assert matmul_flops == 3 * 2 * 64 ** 3
+        out = run()
+        assert out.shape == (64, 64) and bool(jnp.all(jnp.isfinite(out)))
+    a, b = jnp.array([[0.0, 1.0], [2.0, 3.0]]), jnp.array([[1.0, 2.0], [3.0, 5.0]])
+    assert benchmark.layout_product(a, b, "a @ b").tolist() == [[3.0, 5.0], [11.0, 19.0]]
+    assert benchmark.layout_product(a, b, "aT @ b").tolist() == [[6.0, 10.0], [10.0, 17.0]]  # first axes contracted
 
 
 def test_command_line_prints_the_train_figures_and_appends_them_as_json(tmp_path):

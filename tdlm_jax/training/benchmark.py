@@ -14,8 +14,8 @@ variants are timed round-robin, `--steps` calls at a time, `--repeats` times, so
 in the machine's speed (other processes) touches every variant alike; a step's time is the
 median over repeats. The peak is a dense bf16 figure from a table of known accelerators
 (`DEVICE_PEAKS`, × the device count); on CPU, and on an unknown accelerator, it is a
-jitted large matmul timed in the same round-robin as the step (its best repeat), so MFU
-compares two numbers measured under the same load.
+jitted large matmul in two layouts (`MATMUL_LAYOUTS`) timed in the same round-robin as the
+step (the best layout and repeat), so MFU compares two numbers measured under the same load.
 """
 
 from __future__ import annotations
@@ -81,8 +81,22 @@ class Peak:
     source: str
 
 
-def matmul_fn(size: int, dtype: Any, chain: int) -> tuple[Callable[[], jax.Array], float]:
-    """(a zero-argument callable running `chain` dependent size³ matmuls, its FLOPs).
+# The peak's matmul, in two layouts of the same size³ product: XLA:CPU (jax 0.10–0.12) hands
+# `a @ b` to YNNPACK and `aᵀ @ b` (contracting both operands' first axis) to Eigen, and Eigen
+# ran the 2048³ float32 product 5–10 % faster on the 2-core EPYC of docs/performance.md.
+# The machine's peak is the faster of the two, so MFU is never taken against the slower one.
+MATMUL_LAYOUTS = {"a @ b": ((1,), (0,)), "aT @ b": ((0,), (0,))}
+
+
+def layout_product(a: jax.Array, b: jax.Array, layout: str) -> jax.Array:
+    """`a @ b` or `aᵀ @ b`, as `layout` names it."""
+    return jax.lax.dot_general(a, b, (MATMUL_LAYOUTS[layout], ((), ())))
+
+
+def matmul_fn(size: int, dtype: Any, chain: int, layout: str = "a @ b"
+              ) -> tuple[Callable[[], jax.Array], float]:
+    """(a zero-argument callable running `chain` dependent size³ matmuls in `layout`
+    (a `MATMUL_LAYOUTS` key), its FLOPs).
 
     The matmuls are chained inside one jitted loop so that accelerator launch overhead is
     amortized; the matrix is scaled by 1/√size so the chain neither overflows nor vanishes.
@@ -93,7 +107,7 @@ def matmul_fn(size: int, dtype: Any, chain: int) -> tuple[Callable[[], jax.Array
 
     @jax.jit
     def run(a, b):
-        return jax.lax.fori_loop(0, chain, lambda _, x: x @ b, a)
+        return jax.lax.fori_loop(0, chain, lambda _, x: layout_product(x, b, layout), a)
 
     return (lambda: run(a, b)), 2.0 * size ** 3 * chain
 
@@ -118,7 +132,7 @@ def peak_for_device(device: jax.Device, num_devices: int, measured: Callable[[],
     what = "f32" if device.platform == "cpu" else "bf16"
     note = "" if device.platform == "cpu" else f" (device {device.device_kind!r} is not in the table)"
     scale = 1 if device.platform == "cpu" else num_devices
-    return Peak(measured() * scale, f"measured {what} matmul on this machine, best repeat{note}")
+    return Peak(measured() * scale, f"measured {what} matmul on this machine, best layout and repeat{note}")
 
 
 def time_round_robin(variants: Mapping[str, Callable[[], Any]], *, steps: int, repeats: int
@@ -224,14 +238,17 @@ def run_train(setup: Setup, *, steps: int, repeats: int, peak_tflops: float = 0.
     variants = {"step": setup.step(setup.train_fn, detailed=False)}
     if needs_measure:
         size, dtype, chain = matmul or default_matmul(device.platform)
-        matmul_call, matmul_flops = matmul_fn(size, dtype, chain)
-        variants["matmul"] = matmul_call
+        for layout in MATMUL_LAYOUTS:
+            variants[layout], matmul_flops = matmul_fn(size, dtype, chain, layout)
     seconds = time_round_robin(variants, steps=steps, repeats=repeats)
     step_seconds = float(np.median(seconds["step"]))
-    measured = (lambda: matmul_flops / min(seconds["matmul"])) if needs_measure else None
+    rates_by_layout = ({layout: [matmul_flops / t for t in seconds[layout]] for layout in MATMUL_LAYOUTS}
+                       if needs_measure else None)
+    # Each repeat's matmul rate is its faster layout's, and the peak the best repeat's.
+    matmul_rates = [max(rates) for rates in zip(*rates_by_layout.values())] if needs_measure else None
+    measured = (lambda: max(matmul_rates)) if needs_measure else None
     # On a shared machine the load drifts: the MFU of each repeat against the matmul timed
     # right after it is steadier than the median step against the best matmul.
-    matmul_rates = [matmul_flops / m for m in seconds["matmul"]] if needs_measure else None
     paired = matmul_rates if device.platform == "cpu" else None  # elsewhere the peak is per device
     peak = peak_for_device(device, jax.device_count(), measured, peak_tflops)
     cfg, seq_len = setup.model_cfg, setup.config.data.seq_len
@@ -247,6 +264,7 @@ def run_train(setup: Setup, *, steps: int, repeats: int, peak_tflops: float = 0.
         "step_seconds": step_seconds,
         "step_seconds_by_repeat": seconds["step"],
         "matmul_flops_per_second_by_repeat": matmul_rates,
+        "matmul_flops_per_second_by_layout": rates_by_layout,
         "tokens_per_step": setup.tokens_per_step,
         "tokens_per_second": tokens_per_second,
         "matmul_params": flops_lib.matmul_params(cfg),
