@@ -1,11 +1,13 @@
-"""Command line: `python -m tdlm_jax.bench --config=configs/base.py [--mode=train|tiers|data|memory]`.
+"""Command line: `python -m tdlm_jax.bench --config=configs/base.py [--mode=train|tiers|data|memory|dots]`.
 
 Runs the config's real train step on random tokens and prints (`tdlm_jax.training.benchmark`):
 - `train` (the default): step time, tokens per second, model FLOPs per token and MFU;
 - `tiers`: the cost of the metric tiers as ratios to a bare step;
 - `data`: the input pipeline's tokens per second next to the train step's consumption;
 - `memory`: the memory per device of every program a run compiles before its first step
-  (ordinary and detailed train steps, evaluation, the tier-3 analysis), without training.
+  (ordinary and detailed train steps, evaluation, the tier-3 analysis), without training;
+- `dots`: every matmul of the ordinary step timed alone, their sum against the step, and
+  both as fractions of the peak: what bounds MFU (`tdlm_jax.training.dot_bound`).
 Variants are timed round-robin, so compare the ratios of one run. `--json=FILE` also
 appends the figures to FILE as one JSON line (the config, its overrides, the device, the
 jax version), for scripts that collect many runs. `--suite=gpu --out=DIR` runs the GPU
@@ -27,6 +29,7 @@ from ml_collections import config_flags
 from tdlm_jax.errors import ConfigError, TdlmError
 from tdlm_jax.model.transformer import resolve_attention_impl
 from tdlm_jax.training import bench_suite, programs
+from tdlm_jax.training.dot_bound import run_dots
 from tdlm_jax.training.benchmark import MODES, Setup, build_setup, run_data, run_memory, run_tiers, run_train
 
 
@@ -71,6 +74,20 @@ def print_tiers(r: Mapping[str, float]) -> None:
 def print_memory(r: Mapping[str, Any]) -> None:
     for line in programs.memory_table(r["programs"], r["capacity"], r["source"]):
         print(line)
+
+
+def print_dots(r: Mapping[str, Any]) -> None:
+    for row in r["dots"]:
+        print(f"  {row['count']:5d} x {1000 * row['seconds']:8.3f} ms  {row['flops_per_second'] / 1e9:8.1f} GFLOP/s  "
+              f"{row['dot']}")
+    print(f"  matmuls alone      {1000 * r['dots_alone_seconds']:10.2f} ms/step  "
+          f"({100 * r['dots_alone_fraction_of_peak']:.1f} % of the peak: the MFU of a step that ran only "
+          "these, one after another)")
+    print(f"  the step           {1000 * r['step_seconds']:10.2f} ms  "
+          f"(its matmuls at {100 * r['step_dot_fraction_of_peak']:.1f} % of the peak; "
+          f"matmuls alone / step = {r['dots_alone_seconds'] / r['step_seconds']:.3f}; above 1, XLA "
+          "overlaps independent ops)")
+    print(f"  peak               {r['peak_flops_per_second'] / 1e9:10.2f} GFLOP/s  ({r['peak_source']})")
 
 
 def print_data(r: Mapping[str, Any]) -> None:
@@ -149,6 +166,9 @@ def main(argv: list[str]) -> None:
         elif _MODE.value == "memory":
             figures = run_memory(setup)
             print_memory(figures)
+        elif _MODE.value == "dots":
+            figures = run_dots(setup, steps=_STEPS.value, repeats=_REPEATS.value, peak_tflops=_PEAK.value)
+            print_dots(figures)
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 figures = run_data(setup, steps=_STEPS.value, repeats=_REPEATS.value,

@@ -8,13 +8,14 @@ import subprocess
 import sys
 import types
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from tdlm_jax import bench
 from tdlm_jax.errors import ConfigError
 from tdlm_jax.model import flops
-from tdlm_jax.training import benchmark
+from tdlm_jax.training import benchmark, dot_bound
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.py"
@@ -153,3 +154,46 @@ def test_command_line_prints_the_train_figures_and_appends_them_as_json(tmp_path
     figures = record["figures"]
     assert figures["flops_per_token"] == 197_184 and figures["tokens_per_step"] == 4 * 32
     assert f"{100 * figures['mfu']:10.1f} %" in result.stdout
+
+
+def test_dot_flops_and_counts_through_jit_scan_and_cond():
+    def f(a, b, flag):
+        inner = jax.jit(lambda x: x @ b)  # [2, 3] · [3, 4]: 2·2·4·3 = 48 FLOPs
+        carry, _ = jax.lax.scan(lambda x, _: (x, inner(x)), a, length=3)
+        cheap = lambda: jnp.einsum("ij,ij->i", a, a)  # contracts 3, batch 2: 2·2·3 = 12
+        return jax.lax.cond(flag, lambda: inner(a).sum(), lambda: cheap().sum()) + carry.sum()
+
+    a, b = jnp.ones((2, 3)), jnp.ones((3, 4))
+    counts = dot_bound.count_dots(jax.make_jaxpr(f)(a, b, True).jaxpr)
+    assert [(dot.lhs, dot.rhs, dot.flops, n) for dot, n in counts.items()] == [((2, 3), (3, 4), 48, 4)]  # 3 + cond
+    batched = dot_bound.Dot((5, 2, 3), (5, 3, 7), "float32", "float32", (((2,), (1,)), ((0,), (0,))), None)
+    assert batched.flops == 2 * 5 * 2 * 7 * 3
+
+
+def test_the_steps_matmuls_are_the_flop_formulas_plus_the_heads_recomputed_logits(setup):
+    closed = jax.make_jaxpr(lambda s, t, v: setup.train_fn(s, t, v, detailed=False))(
+        setup.state, setup.tokens, setup.valid)
+    counts = dot_bound.count_dots(closed.jaxpr)
+    dot_flops = sum(dot.flops * n for dot, n in counts.items())
+    cfg, tokens = setup.model_cfg, setup.tokens_per_step
+    # The head's backward pass recomputes its logits (model/head.py) rather than keep them.
+    recomputed = 2 * cfg.d_model * cfg.vocab_size * tokens
+    assert dot_flops == flops.train_flops_per_token(cfg, 32) * tokens + recomputed == 54_722_560
+    with pytest.raises(ConfigError, match="one device's matmuls, and jax sees 4 devices"):
+        dot_bound.run_dots(setup, steps=1, repeats=1)
+
+
+def test_dots_mode_on_one_device_adds_up_its_matmuls(tmp_path):
+    record_file = tmp_path / "dots.jsonl"
+    result = subprocess.run([sys.executable, "-m", "tdlm_jax.bench", f"--config={TINY}", "--mode=dots", "--steps=1",
+                             "--repeats=1", "--peak_tflops=1", f"--json={record_file}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO),
+                                 "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(record_file.read_text())["figures"]
+    rows = figures["dots"]
+    assert figures["dots_alone_seconds"] == pytest.approx(sum(r["count"] * r["seconds"] for r in rows))
+    assert figures["dot_flops_per_step"] == 54_722_560 and figures["peak_flops_per_second"] == 1e12
+    assert figures["dots_alone_fraction_of_peak"] == pytest.approx(54_722_560 / figures["dots_alone_seconds"] / 1e12)
+    assert "matmuls alone" in result.stdout and rows[0]["dot"] in result.stdout

@@ -56,10 +56,13 @@ def test_the_tables_show_every_runs_figures_from_its_record():
         {"name": "tiers_b32", "setup": "S", "figures": {"bare_seconds": 0.05, "tier1_ratio": 1.0123,
                                                        "tier2_ratio": 1.0871, "tier3_ratio": 0.25}},
         {"name": "memory_b32", "setup": "S", "figures": {"table": ["memory per device ...", "  the train step  1 GiB"]}},
+        {"name": "dots_b32", "setup": "S", "figures": {"step_seconds": 0.05, "dots_alone_seconds": 0.04,
+                                                      "dots_alone_fraction_of_peak": 0.6234}},
     ]
     table = bench_suite.figures_table(records, {"train_xla_b32": "timed out"})
     assert "| train_b32 | S | 63.1 ms | 519,000 | 45.1 % | NVIDIA H200 SXM |" in table
     assert "| tiers_b32 | S | 50.0 ms | 1.012 | 1.087 | 0.250 |" in table
+    assert "| dots_b32 | S | 50.0 ms | 40.0 ms | 0.800 | 62.3 % |" in table
     assert any(line.startswith("| train_xla_b32 |") and "| timed out |" in line for line in table)
     assert table[-3:] == ["memory_b32: S", "memory per device ...", "  the train step  1 GiB"]
 

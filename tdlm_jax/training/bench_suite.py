@@ -14,8 +14,9 @@ call with the machine's start), and writes into DIR:
 The runs: the train step with `attention_impl='auto'` (cuDNN's fused attention on an NVIDIA
 GPU in bf16) and with XLA's attention, with and without remat; the tier costs under the
 config's stratified time sampling and under iid sampling (bucket membership is data: tier
-2's per-row path at the accelerator's default budget, then one row at a time); and the
-memory of every program a run compiles. `--config.x=v` overrides go to every run, after
+2's per-row path at the accelerator's default budget, then one row at a time); the
+memory of every program a run compiles; and the train step's matmuls each timed alone,
+against the step (`--mode=dots`: what bounds its MFU). `--config.x=v` overrides go to every run, after
 the run's own (`--config.training.batch_size=16` for a smaller GPU, say).
 
 A GPU machine without the package registries lacks some of the dependencies.
@@ -63,6 +64,8 @@ RUNS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     # accelerator default (metrics.row_gradient_mb)
     ("tiers_iid_rows1_b32", ("--mode=tiers", "--steps=2", "--repeats=3", "--config.training.batch_size=32",
                              "--config.diffusion.time_sampling=iid", "--config.metrics.row_gradient_mb=32"), 90),
+    # every matmul of the train step timed alone, against the step: what bounds its MFU
+    ("dots_b32", ("--mode=dots", "--steps=5", "--repeats=3", "--config.training.batch_size=32"), 60),
 )
 
 # What the GPU machine's image (CPython 3.12, jax 0.11.2 and numpy 2.5.2 as read on 2026-11-17,
@@ -149,6 +152,8 @@ def figures_table(records: Sequence[dict], outcomes: dict[str, str]) -> list[str
     train = ["| run | setup | step | tokens/s | MFU | peak |", "| --- | --- | --- | --- | --- | --- |"]
     tiers = ["| run | setup | bare step | tier 1 / bare | tier 2 / bare | tier 3 / bare |",
              "| --- | --- | --- | --- | --- | --- |"]
+    dots = ["| run | setup | step | matmuls alone | alone / step | alone, % of peak |",
+            "| --- | --- | --- | --- | --- | --- |"]
     memory = []
     for name, args, _ in RUNS:
         mode, r = mode_of(args), by_name.get(name)
@@ -157,7 +162,7 @@ def figures_table(records: Sequence[dict], outcomes: dict[str, str]) -> list[str
             if mode == "memory":
                 memory.append(f"{name}: {why}")
             else:
-                (tiers if mode == "tiers" else train).append(f"| {name} | {' '.join(args)} | {why} | | | |")
+                {"tiers": tiers, "dots": dots}.get(mode, train).append(f"| {name} | {' '.join(args)} | {why} | | | |")
             continue
         f = r["figures"]
         if mode == "train":
@@ -166,9 +171,12 @@ def figures_table(records: Sequence[dict], outcomes: dict[str, str]) -> list[str
         elif mode == "tiers":
             tiers.append(f"| {name} | {r['setup']} | {1e3 * f['bare_seconds']:.1f} ms | {f['tier1_ratio']:.3f} "
                          f"| {f.get('tier2_ratio', float('nan')):.3f} | {f.get('tier3_ratio', float('nan')):.3f} |")
+        elif mode == "dots":
+            dots.append(f"| {name} | {r['setup']} | {1e3 * f['step_seconds']:.1f} ms | {1e3 * f['dots_alone_seconds']:.1f} ms "
+                        f"| {f['dots_alone_seconds'] / f['step_seconds']:.3f} | {100 * f['dots_alone_fraction_of_peak']:.1f} % |")
         else:
             memory += [f"{name}: {r['setup']}", *f["table"]]
-    return train + [""] + tiers + ([""] + memory if memory else [])
+    return train + [""] + tiers + [""] + dots + ([""] + memory if memory else [])
 
 
 def run_suite(out: str, *, budget: float, config: str, overrides: Sequence[str] = (), only: Sequence[str] = (),

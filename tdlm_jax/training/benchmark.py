@@ -40,7 +40,7 @@ from tdlm_jax.training import programs
 from tdlm_jax.training import step as step_lib
 from tdlm_jax.training.setup import build_model_and_optimizer, initial_state, jitted_steps, train_step_statics
 
-MODES = ("train", "tiers", "data", "memory")
+MODES = ("train", "tiers", "data", "memory", "dots")
 
 # Dense (no sparsity) bf16 peak FLOP/s per device, from the vendors' datasheets: NVIDIA's
 # tensor-core figures "with sparsity" halved; Google Cloud's per-chip TPU figures (a jax
@@ -230,27 +230,46 @@ def default_matmul(platform: str) -> tuple[int, Any, int]:
     return (2048, jnp.float32, 1) if platform == "cpu" else (8192, jnp.bfloat16, 8)
 
 
-def run_train(setup: Setup, *, steps: int, repeats: int, peak_tflops: float = 0.0,
-              matmul: tuple[int, Any, int] | None = None) -> dict[str, Any]:
-    """Times the ordinary train step (and, unless the peak is known, a matmul beside it)."""
+@dataclasses.dataclass(frozen=True)
+class Timed:
+    """Seconds per call of each variant and repeat, and the peak they are measured against."""
+
+    seconds: dict[str, list[float]]
+    peak: Peak
+    rates_by_layout: dict[str, list[float]] | None  # the matmul's FLOP/s per repeat, where measured
+    matmul_rates: list[float] | None  # per repeat, the faster layout's
+
+
+def time_against_peak(variants: Mapping[str, Callable[[], Any]], *, steps: int, repeats: int,
+                      peak_tflops: float = 0.0, matmul: tuple[int, Any, int] | None = None) -> Timed:
+    """Times `variants` round-robin and, unless the peak is known, the matmul in every layout
+    beside them: each repeat's matmul rate is its faster layout's, the peak the best repeat's."""
     device = jax.devices()[0]
     needs_measure = peak_tflops <= 0 and (device.platform == "cpu" or known_peak(device.device_kind) is None)
-    variants = {"step": setup.step(setup.train_fn, detailed=False)}
+    variants = dict(variants)
     if needs_measure:
         size, dtype, chain = matmul or default_matmul(device.platform)
         for layout in MATMUL_LAYOUTS:
             variants[layout], matmul_flops = matmul_fn(size, dtype, chain, layout)
     seconds = time_round_robin(variants, steps=steps, repeats=repeats)
+    if not needs_measure:
+        return Timed(seconds, peak_for_device(device, jax.device_count(), None, peak_tflops), None, None)
+    rates_by_layout = {layout: [matmul_flops / t for t in seconds.pop(layout)] for layout in MATMUL_LAYOUTS}
+    matmul_rates = [max(rates) for rates in zip(*rates_by_layout.values())]
+    peak = peak_for_device(device, jax.device_count(), lambda: max(matmul_rates), peak_tflops)
+    return Timed(seconds, peak, rates_by_layout, matmul_rates)
+
+
+def run_train(setup: Setup, *, steps: int, repeats: int, peak_tflops: float = 0.0,
+              matmul: tuple[int, Any, int] | None = None) -> dict[str, Any]:
+    """Times the ordinary train step (and, unless the peak is known, a matmul beside it)."""
+    timed = time_against_peak({"step": setup.step(setup.train_fn, detailed=False)}, steps=steps,
+                              repeats=repeats, peak_tflops=peak_tflops, matmul=matmul)
+    seconds, peak, matmul_rates = timed.seconds, timed.peak, timed.matmul_rates
     step_seconds = float(np.median(seconds["step"]))
-    rates_by_layout = ({layout: [matmul_flops / t for t in seconds[layout]] for layout in MATMUL_LAYOUTS}
-                       if needs_measure else None)
-    # Each repeat's matmul rate is its faster layout's, and the peak the best repeat's.
-    matmul_rates = [max(rates) for rates in zip(*rates_by_layout.values())] if needs_measure else None
-    measured = (lambda: max(matmul_rates)) if needs_measure else None
     # On a shared machine the load drifts: the MFU of each repeat against the matmul timed
     # right after it is steadier than the median step against the best matmul.
-    paired = matmul_rates if device.platform == "cpu" else None  # elsewhere the peak is per device
-    peak = peak_for_device(device, jax.device_count(), measured, peak_tflops)
+    paired = matmul_rates if jax.devices()[0].platform == "cpu" else None  # elsewhere the peak is per device
     cfg, seq_len = setup.model_cfg, setup.config.data.seq_len
     flops_per_token = flops_lib.train_flops_per_token(cfg, seq_len)
     tokens_per_second = setup.tokens_per_step / step_seconds
@@ -264,7 +283,7 @@ def run_train(setup: Setup, *, steps: int, repeats: int, peak_tflops: float = 0.
         "step_seconds": step_seconds,
         "step_seconds_by_repeat": seconds["step"],
         "matmul_flops_per_second_by_repeat": matmul_rates,
-        "matmul_flops_per_second_by_layout": rates_by_layout,
+        "matmul_flops_per_second_by_layout": timed.rates_by_layout,
         "tokens_per_step": setup.tokens_per_step,
         "tokens_per_second": tokens_per_second,
         "matmul_params": flops_lib.matmul_params(cfg),
