@@ -117,6 +117,6 @@ def run_dots(setup: Any, *, steps: int, repeats: int, peak_tflops: float = 0.0,
     return {"dots": rows, "step_seconds": seconds["step"], "dots_alone_seconds": alone,
             "dot_flops_per_step": flops, "peak_flops_per_second": peak, "peak_source": timed.peak.source,
             # The step's matmul FLOPs per second of the step, and per second of the matmuls alone:
-            # the second is the MFU the step would reach if nothing else took time.
+            # the second is the MFU of a step that ran only its matmuls, one after another.
             "step_dot_fraction_of_peak": flops / seconds["step"] / peak,
             "dots_alone_fraction_of_peak": flops / alone / peak}
