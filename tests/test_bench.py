@@ -166,7 +166,7 @@ def test_dot_flops_and_counts_through_jit_scan_and_cond():
     a, b = jnp.ones((2, 3)), jnp.ones((3, 4))
     counts = dot_bound.count_dots(jax.make_jaxpr(f)(a, b, True).jaxpr)
     assert [(dot.lhs, dot.rhs, dot.flops, n) for dot, n in counts.items()] == [((2, 3), (3, 4), 48, 4)]  # 3 + cond
-    batched = dot_bound.Dot((5, 2, 3), (5, 3, 7), "float32", "float32", (((2,), (1,)), ((0,), (0,))), None)
+    batched = dot_bound.Dot((5, 2, 3), (5, 3, 7), "float32", "float32", (((2,), (1,)), ((0,), (0,))), "float32")
     assert batched.flops == 2 * 5 * 2 * 7 * 3
 
 

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tdlm_jax.errors import ConfigError
-from tdlm_jax.model.folded_einsum import folded_einsum
 from tdlm_jax.model.head import TokenScores, chunked_scores
 
 
@@ -131,9 +130,7 @@ def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: ja
     the sequence and merged with the batch first, [B·N, L, H]: on CPU, XLA runs the two
     batched matmuls faster this way than in the [B, L, N, H] layout the fused path keeps, and with
     B = 1 (tier 2's per-row gradients) no array has a dimension of size 1, on which XLA:CPU's
-    fusions run about 10× slower (`Denoiser.residual_stream`). Its two matmuls are
-    `folded_einsum`s: under that path's `vmap` over rows they keep one batch dimension,
-    rows × B·N, where jax's own batching would add a second. Returns (output [B, L, N, H],
+    fusions run about 10× slower (`Denoiser.residual_stream`). Returns (output [B, L, N, H],
     probs float32[B, N, queries, keys]).
     """
     batch, length, heads, head_dim = q_BxLxNxH.shape
@@ -141,12 +138,12 @@ def explicit_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: ja
                                  for x in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
     # The mask per (row, head): Q is 1 (padding keys only) or L (the causal mask too).
     mask_XxQxL = jnp.broadcast_to(mask, (batch, heads, *mask.shape[2:])).reshape(batch * heads, *mask.shape[2:])
-    scores_XxLxL = folded_einsum("xqh,xkh->xqk", q_XxLxH, k_XxLxH, jnp.float32)
+    scores_XxLxL = jnp.einsum("xqh,xkh->xqk", q_XxLxH, k_XxLxH, preferred_element_type=jnp.float32)
     scores_XxLxL = scores_XxLxL * jnp.float32(1.0 / math.sqrt(head_dim))
     large_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
     scores_XxLxL = jnp.where(mask_XxQxL, scores_XxLxL, large_negative)
     probs_XxLxL = jax.nn.softmax(scores_XxLxL, axis=-1)
-    out_XxLxH = folded_einsum("xqk,xkh->xqh", probs_XxLxL.astype(v_BxLxNxH.dtype), v_XxLxH)
+    out_XxLxH = jnp.einsum("xqk,xkh->xqh", probs_XxLxL.astype(v_BxLxNxH.dtype), v_XxLxH)
     out_BxLxNxH = out_XxLxH.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
     return out_BxLxNxH, probs_XxLxL.reshape(batch, heads, length, length)
 

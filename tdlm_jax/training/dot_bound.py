@@ -38,7 +38,7 @@ class Dot:
     lhs_dtype: str
     rhs_dtype: str
     dimension_numbers: Any  # ((lhs contracting, rhs contracting), (lhs batch, rhs batch))
-    preferred_element_type: Any
+    out_dtype: str  # the result's (a `preferred_element_type` of None and of the inputs' dtype alike)
 
     @property
     def flops(self) -> int:
@@ -53,8 +53,9 @@ class Dot:
     def label(self) -> str:
         (lc, rc), (lb, rb) = self.dimension_numbers
         batch = f" batch {tuple(lb)}·{tuple(rb)}" if lb else ""
+        out = f" → {self.out_dtype}" if self.out_dtype != self.lhs_dtype else ""
         return (f"{self.lhs_dtype}{list(self.lhs)} · {self.rhs_dtype}{list(self.rhs)} "
-                f"contract {tuple(lc)}·{tuple(rc)}{batch}")
+                f"contract {tuple(lc)}·{tuple(rc)}{batch}{out}")
 
 
 def count_dots(jaxpr: jex.Jaxpr, times: int = 1, counts: collections.Counter | None = None
@@ -66,7 +67,7 @@ def count_dots(jaxpr: jex.Jaxpr, times: int = 1, counts: collections.Counter | N
         if name == "dot_general":
             lhs, rhs = (v.aval for v in eqn.invars)
             counts[Dot(tuple(lhs.shape), tuple(rhs.shape), str(lhs.dtype), str(rhs.dtype),
-                       eqn.params["dimension_numbers"], eqn.params.get("preferred_element_type"))] += times
+                       eqn.params["dimension_numbers"], str(eqn.outvars[0].aval.dtype))] += times
         elif name == "cond":  # one branch runs: count the costliest
             branches = [count_dots(b.jaxpr) for b in eqn.params["branches"]]
             costliest = max(branches, key=lambda c: sum(d.flops * n for d, n in c.items()))
@@ -88,7 +89,7 @@ def dot_fn(dot: Dot) -> Callable[[], jax.Array]:
     operand = lambda key, shape, dtype: jax.random.normal(key, shape, jnp.float32).astype(dtype)
     lhs, rhs = operand(key_l, dot.lhs, dot.lhs_dtype), operand(key_r, dot.rhs, dot.rhs_dtype)
     run = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dot.dimension_numbers,
-                                                   preferred_element_type=dot.preferred_element_type))
+                                                   preferred_element_type=dot.out_dtype))
     return lambda: run(lhs, rhs)
 
 
