@@ -83,7 +83,7 @@ class Peak:
 
 # The peak's matmul, in two layouts of the same size³ product: XLA:CPU (jax 0.10–0.12) hands
 # `a @ b` to YNNPACK and `aᵀ @ b` (contracting both operands' first axis) to Eigen, and Eigen
-# ran the 2048³ float32 product 5–10 % faster on the 2-core EPYC of docs/performance.md.
+# ran the 2048³ float32 product 3–10 % faster on the 2-core EPYC of docs/performance.md.
 # The machine's peak is the faster of the two, so MFU is never taken against the slower one.
 MATMUL_LAYOUTS = {"a @ b": ((1,), (0,)), "aT @ b": ((0,), (0,))}
 
