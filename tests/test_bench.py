@@ -161,11 +161,13 @@ def test_dot_flops_and_counts_through_jit_scan_and_cond():
         inner = jax.jit(lambda x: x @ b)  # [2, 3] · [3, 4]: 2·2·4·3 = 48 FLOPs
         carry, _ = jax.lax.scan(lambda x, _: (x, inner(x)), a, length=3)
         cheap = lambda: jnp.einsum("ij,ij->i", a, a)  # contracts 3, batch 2: 2·2·3 = 12
-        return jax.lax.cond(flag, lambda: inner(a).sum(), lambda: cheap().sum()) + carry.sum()
+        no_preferred_type = jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())))  # the same dot, keyed alike
+        return (jax.lax.cond(flag, lambda: inner(a).sum(), lambda: cheap().sum()) + carry.sum()
+                + no_preferred_type.sum())
 
     a, b = jnp.ones((2, 3)), jnp.ones((3, 4))
     counts = dot_bound.count_dots(jax.make_jaxpr(f)(a, b, True).jaxpr)
-    assert [(dot.lhs, dot.rhs, dot.flops, n) for dot, n in counts.items()] == [((2, 3), (3, 4), 48, 4)]  # 3 + cond
+    assert [(dot.lhs, dot.rhs, dot.flops, n) for dot, n in counts.items()] == [((2, 3), (3, 4), 48, 5)]  # 3 + cond + 1
     batched = dot_bound.Dot((5, 2, 3), (5, 3, 7), "float32", "float32", (((2,), (1,)), ((0,), (0,))), "float32")
     assert batched.flops == 2 * 5 * 2 * 7 * 3
 
