@@ -74,18 +74,19 @@ BucketGradients = tuple[list[Any], jax.Array, jax.Array, dict[str, jax.Array]]
 # (docs/performance.md, "GPU": the suite times it against one row at a time).
 CPU_ROW_GRADIENT_BYTES = 32 * 2**20
 ACCELERATOR_ROW_GRADIENT_BYTES = 4 * 2**30
+UNKNOWN_MEMORY_ROW_GRADIENT_BYTES = 2**30  # an accelerator that reports no memory limit
 ACCELERATOR_MEMORY_SHARE = 16  # the budget's 1 / share of a device's memory
 
 
 def row_gradient_budget(megabytes: int, device: Any) -> int:
     """metrics.row_gradient_mb in bytes: `megabytes` MiB, or for 0 the default of `device`'s
-    platform (above; 1 GiB on an accelerator that reports no memory limit)."""
+    platform (above)."""
     if megabytes:
         return megabytes * 2**20
     if device.platform == "cpu":
         return CPU_ROW_GRADIENT_BYTES
     limit = (device.memory_stats() or {}).get("bytes_limit", 0)
-    share = limit // ACCELERATOR_MEMORY_SHARE if limit else ACCELERATOR_ROW_GRADIENT_BYTES // 4
+    share = limit // ACCELERATOR_MEMORY_SHARE if limit else UNKNOWN_MEMORY_ROW_GRADIENT_BYTES
     return min(ACCELERATOR_ROW_GRADIENT_BYTES, share)
 
 

@@ -118,7 +118,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(_is_count(seed), "seed", seed, "must be a non-negative integer")
     for key in POSITIVE_INTS:
         value = _get(config, key)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value,
+        _require(_is_count(value) and value > 0, key, value,
                  "must be a positive integer")
     for key, allowed in CHOICES.items():
         value = _get(config, key)
@@ -162,7 +162,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(_is_count(row_mb), "metrics.row_gradient_mb", row_mb,
              "must be an integer >= 0 (0: the platform's default)")
     count = _get(config, "sampling.num_samples_at_eval")
-    _require(isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= _get(config, "data.eval_batch_size"),
+    _require(_is_count(count) and count <= _get(config, "data.eval_batch_size"),
              "sampling.num_samples_at_eval", count, "must be an integer from 0 (off) to data.eval_batch_size")
     prompt = _get(config, "sampling.prompt")
     _require(isinstance(prompt, str) and len(eval_prompt(config).encode()) < _get(config, "data.seq_len"),

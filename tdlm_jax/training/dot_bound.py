@@ -93,7 +93,7 @@ def dot_fn(dot: Dot) -> Callable[[], jax.Array]:
     return lambda: run(lhs, rhs)
 
 
-def run_dots(setup: Any, *, steps: int, repeats: int, peak_tflops: float = 0.0,
+def run_dots(setup: benchmark.Setup, *, steps: int, repeats: int, peak_tflops: float = 0.0,
              matmul: tuple[int, Any, int] | None = None) -> dict[str, Any]:
     """The ordinary step and each of its distinct dots, timed round-robin (beside the peak's
     matmul where the peak is measured); per dot its count per step, median seconds and
