@@ -89,6 +89,10 @@ def get_config() -> ml_collections.ConfigDict:
     # microbatches of 4 rows keep every activation in cache, which makes this config's step 1.45×
     # faster on a 2-core CPU (docs/performance.md). On an accelerator, use 1.
     config.training.grad_accum_steps = 8
+    # Microbatches per iteration of the accumulation loop, live at once. 0 = by platform: 2 on a
+    # CPU (XLA:CPU overlaps two independent microbatches on the cores: this config's step in about
+    # 0.8 of the time, for about twice the activation memory), 1 on an accelerator.
+    config.training.grad_accum_unroll = 0
     # > 0 keeps an exponential moving average of the parameters (e.g. 0.9999 as in MDLM), which
     # evaluation, samples, tdlm_jax.sample and tdlm_jax.evaluate then use. 0 turns it off.
     config.training.ema_decay = 0.0

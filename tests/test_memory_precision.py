@@ -27,14 +27,15 @@ from test_train import TINY
 
 @functools.lru_cache(maxsize=None)
 def step_fn(num_devices: int, grad_accum_steps: int, objective: str = "diffusion", ema_decay: float = 0.0,
-            plan_for: tuple[int, int] = (1, 1)):
+            plan_for: tuple[int, int] = (1, 1), accum_unroll: int = 1):
     """The jitted step; its stratified layout is aligned to `plan_for` = (microbatches, shards)."""
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     optimizer, schedule = optimizer_and_schedule()
     process = dataclasses.replace(make_process(), microbatches=plan_for[0], shards=plan_for[1])
     return mesh, step_lib.jit_train_step(mesh, graphdef=model_parts()[0], process=process,
                                          optimizer=optimizer, lr_schedule=schedule, objective=objective,
-                                         grad_accum_steps=grad_accum_steps, ema_decay=ema_decay)
+                                         grad_accum_steps=grad_accum_steps, ema_decay=ema_decay,
+                                         accum_unroll=accum_unroll)
 
 
 def fresh(mesh, ema: bool = False):
@@ -43,8 +44,9 @@ def fresh(mesh, ema: bool = False):
     return sharding.replicate(step_lib.init_state(params, optimizer, seed=0, ema=ema), mesh)
 
 
-def run_steps(num_devices, grad_accum_steps, detailed, objective="diffusion", steps=2, plan_for=(1, 1)):
-    mesh, fn = step_fn(num_devices, grad_accum_steps, objective, plan_for=plan_for)
+def run_steps(num_devices, grad_accum_steps, detailed, objective="diffusion", steps=2, plan_for=(1, 1),
+              accum_unroll=1):
+    mesh, fn = step_fn(num_devices, grad_accum_steps, objective, plan_for=plan_for, accum_unroll=accum_unroll)
     state, history = fresh(mesh), []
     for i in range(steps):
         data = sharding.global_batch(random_batch(seed=i), mesh)
@@ -112,6 +114,25 @@ def test_layout_aligned_to_two_shards_gives_the_same_step_on_one_device_and_two(
 
 def test_accumulation_over_four_microbatches_of_two_rows():
     assert_same_run(run_steps(1, 1, False), run_steps(1, 4, False))
+
+
+def test_accumulate_gradients_sums_every_microbatch_in_order_whatever_the_unroll():
+    """Known values: microbatch j of 6 rows in 3 holds rows j, j + 3; its "gradient" is its rows'
+    sum times the parameter, so the total is Σ rows · p whatever microbatches an iteration takes
+    (3 does not divide 2 per iteration: the remainder runs too)."""
+    rows = {"x": jnp.arange(6.0)}
+    grad_fn = lambda p, micro: (p * micro["x"].sum(), {"r": micro["x"] * 10})
+    for unroll in (1, 2, 3):
+        total, stats = step_lib.accumulate_gradients(grad_fn, jnp.float32(2.0), rows, 3, unroll)
+        assert float(total) == 2.0 * 15.0
+        np.testing.assert_array_equal(stats["r"], np.arange(6.0) * 10)  # back in row order
+
+
+@pytest.mark.parametrize("detailed", [False, True], ids=["ordinary", "tier 2"])
+def test_unrolled_accumulation_gives_the_same_run(detailed):
+    """Four microbatches three per iteration of the loop (training.grad_accum_unroll=3, a
+    remainder of one) against one per iteration: the same update and metrics."""
+    assert_same_run(run_steps(1, 4, detailed), run_steps(1, 4, detailed, accum_unroll=3))
 
 
 def test_autoregressive_accumulation_equals_one_big_batch():

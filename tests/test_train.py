@@ -9,6 +9,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from tdlm_jax.metrics.writers import read_scalars
 from tdlm_jax.parallel import sharding
 from tdlm_jax.training import loop, setup
 from tdlm_jax.training import config as config_lib
+from tdlm_jax.training import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -191,6 +193,7 @@ def tiny_config(**overrides):
     ({"model.d_model": 30}, "model.d_model=30: must be a multiple of 2·model.num_heads (4)"),
     ({"diffusion.t_min": 0.0}, "diffusion.t_min=0.0: must be in (0, 1)"),
     ({"metrics.row_gradient_mb": -1}, "metrics.row_gradient_mb=-1: must be an integer >= 0"),
+    ({"training.grad_accum_unroll": -1}, "training.grad_accum_unroll=-1: must be an integer >= 0"),
 ])
 def test_validate_names_the_key_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -204,6 +207,15 @@ def test_the_train_step_takes_its_per_row_gradient_budget_from_the_config(megaby
     statics = setup.train_step_statics(tiny_config(**{"metrics.row_gradient_mb": megabytes}), graphdef=None,
                                        optimizer=None, lr_schedule=None, mask_id=0, mesh=sharding.make_mesh())
     assert statics["row_gradient_bytes"] == expected  # 32 MiB: this CPU's default
+
+
+@pytest.mark.parametrize("unroll, expected", [(0, 2), (3, 3)], ids=["by platform", "set"])
+def test_the_train_step_takes_its_accumulation_unroll_from_the_config(unroll, expected):
+    statics = setup.train_step_statics(tiny_config(**{"training.grad_accum_unroll": unroll}), graphdef=None,
+                                       optimizer=None, lr_schedule=None, mask_id=0, mesh=sharding.make_mesh())
+    assert statics["accum_unroll"] == expected  # 2: a CPU's default
+    gpu = types.SimpleNamespace(platform="gpu")
+    assert step_lib.accumulation_unroll(0, gpu) == 1 and step_lib.accumulation_unroll(3, gpu) == 3
 
 
 # Adaptive: 4 bins, so that q leaves uniform within the run (each bin has seen 10 sequences

@@ -158,6 +158,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     edges = _get(config, "metrics.bucket_edges")
     _require(_valid_edges(edges), "metrics.bucket_edges", edges,
              "must be 4 increasing numbers from 0 to 1 (low, medium, high buckets), e.g. (0.0, 0.3, 0.7, 1.0)")
+    unroll = _get(config, "training.grad_accum_unroll")
+    _require(_is_count(unroll), "training.grad_accum_unroll", unroll,
+             "must be an integer >= 0 (0: the platform's default)")
     row_mb = _get(config, "metrics.row_gradient_mb")
     _require(_is_count(row_mb), "metrics.row_gradient_mb", row_mb,
              "must be an integer >= 0 (0: the platform's default)")

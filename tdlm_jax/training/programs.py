@@ -34,7 +34,8 @@ TRAIN, DETAILED, EVAL, ANALYSIS = "train", "detailed", "eval", "analysis"
 LABELS = {TRAIN: "the train step", DETAILED: "the train step with tier-2 metrics", EVAL: "evaluation",
           ANALYSIS: "the tier-3 analysis"}
 # What lowers a variant's memory, for the one-line error when it does not fit.
-TRAIN_STEP_FIX = "lower training.batch_size or data.seq_len, raise training.grad_accum_steps, or set model.remat=true"
+TRAIN_STEP_FIX = ("lower training.batch_size or data.seq_len, raise training.grad_accum_steps (with "
+                  "training.grad_accum_unroll=1), or set model.remat=true")
 FIXES = {
     TRAIN: TRAIN_STEP_FIX,
     DETAILED: TRAIN_STEP_FIX + " (under iid or adaptive time sampling, also metrics.row_gradient_mb)",

@@ -110,10 +110,12 @@ def train_step_statics(config: ml_collections.ConfigDict, graphdef: Any, optimiz
     benchmark times exactly the step that trains."""
     grad_accum_steps = config.training.get("grad_accum_steps", 1)
     process = config_lib.forward_process(config, mask_id, microbatches=grad_accum_steps, shards=mesh.size)
-    row_gradient_bytes = research.row_gradient_budget(config.metrics.get("row_gradient_mb", 0), mesh.local_devices[0])
+    device = mesh.local_devices[0]
+    row_gradient_bytes = research.row_gradient_budget(config.metrics.get("row_gradient_mb", 0), device)
+    accum_unroll = step_lib.accumulation_unroll(config.training.get("grad_accum_unroll", 0), device)
     return dict(graphdef=graphdef, process=process, optimizer=optimizer, lr_schedule=lr_schedule,
                 objective=config.model.kind, grad_accum_steps=grad_accum_steps, ema_decay=config_lib.ema_decay(config),
-                row_gradient_bytes=row_gradient_bytes)
+                row_gradient_bytes=row_gradient_bytes, accum_unroll=accum_unroll)
 
 
 def jitted_steps(config: ml_collections.ConfigDict, mesh: Any, state: Any, static: dict[str, Any]

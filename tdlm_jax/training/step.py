@@ -98,13 +98,32 @@ def unsplit_rows(stacked: Any) -> Any:
     return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), stacked)
 
 
-def accumulate_gradients(grad_fn: GradFn, params: Any, rows: Any, num_micro: int) -> tuple[Any, dict]:
-    """Σ of `grad_fn` gradients over `num_micro` microbatches, run one after the other by a
-    `lax.scan` so only one microbatch's activations are live; per-row statistics come back
-    in the original row order. With one microbatch this is just `grad_fn(params, rows)`.
+# Microbatches per iteration of the accumulation loop where training.grad_accum_unroll is 0.
+# On a CPU, two: the loop body then holds two independent microbatches, and XLA:CPU runs one's
+# operations on the core the other's leave idle (a step's operations otherwise run one after
+# another, each split over the cores). base.py's step takes 0.78–0.80 of the time for 1.8× the
+# temporaries (docs/performance.md); four at a time gained less. On an accelerator, one: there
+# accumulation is for memory, and one device stream gains nothing from the overlap.
+CPU_ACCUMULATION_UNROLL = 2
+
+
+def accumulation_unroll(configured: int, device: Any) -> int:
+    """training.grad_accum_unroll, or for 0 the default of `device`'s platform (above)."""
+    if configured:
+        return configured
+    return CPU_ACCUMULATION_UNROLL if device.platform == "cpu" else 1
+
+
+def accumulate_gradients(grad_fn: GradFn, params: Any, rows: Any, num_micro: int, unroll: int = 1
+                         ) -> tuple[Any, dict]:
+    """Σ of `grad_fn` gradients over `num_micro` microbatches, run by a `lax.scan` `unroll`
+    microbatches per iteration (`accumulation_unroll`), so at most that many microbatches'
+    activations are live; per-row statistics come back in the original row order. With one
+    microbatch this is just `grad_fn(params, rows)`.
 
     Losses are normalized by the *global* batch's token count inside `grad_fn`, so the sum
-    of microbatch gradients is exactly the gradient of the one-big-batch loss.
+    of microbatch gradients is exactly the gradient of the one-big-batch loss. The sum is
+    taken in microbatch order whatever `unroll`: unrolling changes the schedule, not the result.
     """
     if num_micro == 1:
         return grad_fn(params, rows)
@@ -117,7 +136,7 @@ def accumulate_gradients(grad_fn: GradFn, params: Any, rows: Any, num_micro: int
         return jax.tree.map(jnp.add, total, grads), stats
 
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), grads_shape)
-    grads, stats = jax.lax.scan(add_microbatch, zeros, split)
+    grads, stats = jax.lax.scan(add_microbatch, zeros, split, unroll=unroll)
     return grads, unsplit_rows(stats)
 
 
@@ -162,7 +181,8 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
                process: ForwardProcess, optimizer: optax.GradientTransformation,
                lr_schedule: Callable[[jax.Array], jax.Array], detailed: bool,
                objective: str = "diffusion", grad_accum_steps: int = 1, ema_decay: float = 0.0,
-               row_gradient_bytes: int = research.CPU_ROW_GRADIENT_BYTES) -> tuple[TrainState, dict]:
+               row_gradient_bytes: int = research.CPU_ROW_GRADIENT_BYTES, accum_unroll: int = 1
+               ) -> tuple[TrainState, dict]:
     """One optimizer update on a global batch; returns the new state and a dict of device scalars.
 
     The batch is corrupted as a whole (by `process`, whose stratified layout is aligned to
@@ -172,7 +192,9 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
     statistics. `objective` 'ar' trains the autoregressive baseline
     (`tdlm_jax.model.autoregressive`); it has no corruption, so the diffusion metrics and the
     `detailed` variant do not apply to it. `row_gradient_bytes` bounds the `detailed`
-    variant's per-row gradients (metrics.row_gradient_mb, `research.row_gradient_budget`).
+    variant's per-row gradients (metrics.row_gradient_mb, `research.row_gradient_budget`);
+    `accum_unroll` is how many microbatches each iteration of the accumulation loop takes
+    (training.grad_accum_unroll, `accumulation_unroll`).
     """
     if objective == "ar":
         num_valid = jnp.maximum(valid_BxL.sum(), 1).astype(jnp.float32)
@@ -184,7 +206,7 @@ def train_step(state: TrainState, tokens_BxL: jax.Array, valid_BxL: jax.Array, *
         rows = {"batch": batch, "bucket_B": research.row_buckets(process, batch)}
         grad_fn = diffusion_grad_fn(graphdef, process, num_valid_tokens(batch), detailed, grad_accum_steps,
                                     row_gradient_bytes)
-    grads, stats = accumulate_gradients(grad_fn, state.params, rows, grad_accum_steps)
+    grads, stats = accumulate_gradients(grad_fn, state.params, rows, grad_accum_steps, accum_unroll)
     if detailed:
         (grads_by_bucket, small_sq_sum), grads = grads, jax.tree.map(lambda *gs: sum(gs), *grads[0])
 
