@@ -101,9 +101,9 @@ def unsplit_rows(stacked: Any) -> Any:
 # Microbatches per iteration of the accumulation loop where training.grad_accum_unroll is 0.
 # On a CPU, two: the loop body then holds two independent microbatches, and XLA:CPU runs one's
 # operations on the core the other's leave idle (a step's operations otherwise run one after
-# another, each split over the cores). base.py's step takes 0.78–0.80 of the time for 1.8× the
+# another, each split over the cores). base.py's step takes 0.78–0.85 of the time for 1.8× the
 # temporaries (docs/performance.md); four at a time gained less. On an accelerator, one: there
-# accumulation is for memory, and one device stream gains nothing from the overlap.
+# accumulation is what keeps a batch in memory, and what the overlap gains is not measured.
 CPU_ACCUMULATION_UNROLL = 2
 
 
