@@ -118,8 +118,8 @@ def test_accumulation_over_four_microbatches_of_two_rows():
 
 def test_accumulate_gradients_sums_every_microbatch_in_order_whatever_the_unroll():
     """Known values: microbatch j of 6 rows in 3 holds rows j, j + 3; its "gradient" is its rows'
-    sum times the parameter, so the total is Σ rows · p whatever microbatches an iteration takes
-    (3 does not divide 2 per iteration: the remainder runs too)."""
+    sum times the parameter, so the total is Σ rows · p however many microbatches an iteration
+    takes (at 2 per iteration the third is a remainder, and it must run too)."""
     rows = {"x": jnp.arange(6.0)}
     grad_fn = lambda p, micro: (p * micro["x"].sum(), {"r": micro["x"] * 10})
     for unroll in (1, 2, 3):
