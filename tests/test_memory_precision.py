@@ -131,7 +131,15 @@ def test_accumulate_gradients_sums_every_microbatch_in_order_whatever_the_unroll
 @pytest.mark.parametrize("detailed", [False, True], ids=["ordinary", "tier 2"])
 def test_unrolled_accumulation_gives_the_same_run(detailed):
     """Four microbatches three per iteration of the loop (training.grad_accum_unroll=3, a
-    remainder of one) against one per iteration: the same update and metrics."""
+    remainder of one) against one per iteration: the same update and metrics, and the step's
+    accumulation loop does take three per iteration (else the two runs would be one program)."""
+    optimizer, schedule = optimizer_and_schedule()
+    data = random_batch(seed=0)
+    step = functools.partial(step_lib.train_step, graphdef=model_parts()[0], process=make_process(),
+                             optimizer=optimizer, lr_schedule=schedule, detailed=detailed, grad_accum_steps=4,
+                             accum_unroll=3)
+    state = step_lib.init_state(model_parts()[1], optimizer, seed=0)
+    assert "unroll=3" in str(jax.make_jaxpr(step)(state, data["tokens"], data["valid"]))
     assert_same_run(run_steps(1, 4, detailed), run_steps(1, 4, detailed, accum_unroll=3))
 
 
